@@ -1,0 +1,58 @@
+"""The byte formulas against the reference figures of DESIGN.md s1 (GPT-2 small, bf16, MB = 1e6 B)."""
+
+import pytest
+
+from tucker_serve import cache_layout as cl
+
+D, H, L, N = 768, 12, 12, 1024
+MB = 1e6
+
+
+def test_attention_parameters_match_gpt2_reference():
+    mha = cl.param_bytes(cl.gqa_params(D, H, H, D // H), L, "bfloat16") / MB
+    mla = cl.param_bytes(cl.mla_params(D, H, D // H, kv_lora_rank=128, q_lora_rank=128), L, "bfloat16") / MB
+    tucker = cl.param_bytes(cl.tucker_params(D, H, (8, 128, 64)), L, "bfloat16") / MB
+    assert mha == pytest.approx(56.62, abs=0.05)
+    assert mla == pytest.approx(26.00, abs=0.05)
+    assert tucker == pytest.approx(10.24, abs=0.05)
+
+
+def test_kv_cache_bytes_match_gpt2_reference():
+    mha = cl.kv_cache_bytes(cl.mha_kv_width(H, D // H), L, N, "bfloat16") / MB
+    mla = cl.kv_cache_bytes(cl.mla_kv_width(128), L, N, "bfloat16") / MB
+    tucker = cl.kv_cache_bytes(cl.tucker_kv_width(64, 64), L, N, "bfloat16") / MB
+    assert mha == pytest.approx(37.74, abs=0.05)
+    assert mla == pytest.approx(3.14, abs=0.05)
+    assert tucker == pytest.approx(3.14, abs=0.05)
+
+
+def test_widths_of_each_scheme():
+    assert cl.gqa_kv_width(3, 64) == 384  # SmolLM2-135M
+    assert cl.gqa_kv_width(1, 64) == 128  # MQA
+    assert cl.mla_kv_width(512, 64) == 576  # DeepSeek-V2
+    assert cl.tucker_kv_width(96, 96) == 192
+    assert cl.tucker_kv_width(96, 96, shared_latent=True) == 96
+    assert cl.compression_ratio(384, 192) == 2.0
+
+
+def test_shared_latent_drops_the_value_factor():
+    separate = cl.tucker_params(D, H, (8, 128, 64))
+    shared = cl.tucker_params(D, H, (8, 128, 64), shared_latent=True)
+    assert separate - shared == D * 64
+
+
+def test_capacity_and_concurrency_count_whole_blocks():
+    per_token = cl.kv_bytes_per_token(192, 30, "float32")  # 23,040 B
+    assert per_token == 23040
+    assert cl.capacity_tokens(per_token * 100 + 5, 192, 30, "float32", block_size=16) == 96
+    assert cl.max_concurrency(1024, 100, block_size=16) == pytest.approx(1024 / 112)
+
+
+@pytest.mark.parametrize("dtype,size", [("float32", 4), ("torch.bfloat16", 2), ("fp8", 1)])
+def test_dtype_bytes(dtype, size):
+    assert cl.dtype_bytes(dtype) == size
+
+
+def test_unknown_dtype_is_rejected():
+    with pytest.raises(ValueError, match="unknown dtype 'int3'"):
+        cl.dtype_bytes("int3")

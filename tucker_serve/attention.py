@@ -1,0 +1,107 @@
+"""Reference Tucker attention in PyTorch: the forward pass of DESIGN.md s1, never forming d x d.
+
+Parameters are the serving form of the factors: shared maps U2, U3, Ut3, Ut2 and per-head cores
+B_h, Bt_h (the Tucker core folded with the head factor). With `block_core` a head's core reads
+only its own r2/H slice of the shared query and writes its own rt2/H slice of the output: the
+block-diagonal cores that exact conversions of MHA/GQA produce, stored without their zeros.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tucker_serve.config import TuckerConfig
+from tucker_serve.rope import apply_rope, default_inv_freq, rope_cos_sin
+from tucker_serve.tucker import TuckerFactors
+
+
+def latent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal MQA over one shared latent: q (B, H, T, r3), k (B, T, r3), v (B, T, rt3) -> (B, H, T, rt3)."""
+    return F.scaled_dot_product_attention(
+        q, k[:, None], v[:, None], is_causal=True, scale=scale, enable_gqa=True
+    )
+
+
+class TuckerAttention(nn.Module):
+    """Causal self-attention through a shared latent key/value and per-head cores."""
+
+    def __init__(
+        self,
+        config: TuckerConfig,
+        latent_freqs: torch.Tensor | None = None,
+        scale: float | None = None,
+        block_core: bool = False,
+        rope_base: float = 10000.0,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        c = config
+        self.config, self.block_core = c, block_core
+        self.scale = 1.0 / math.sqrt(c.r3) if scale is None else scale
+        q_in = c.r2 // c.num_heads if block_core else c.r2
+        o_out = c.rt2 // c.num_heads if block_core else c.rt2
+        if block_core and (c.r2 % c.num_heads or c.rt2 % c.num_heads):
+            raise ValueError(f"block_core needs r2={c.r2} and rt2={c.rt2} divisible by num_heads={c.num_heads}")
+        self.q_shared = nn.Parameter(torch.zeros(c.hidden_size, c.r2, dtype=dtype))  # U2
+        self.q_core = nn.Parameter(torch.zeros(c.num_heads, q_in, c.r3, dtype=dtype))  # B_h
+        self.k_latent = nn.Parameter(torch.zeros(c.hidden_size, c.r3, dtype=dtype))  # U3
+        self.v_latent = (
+            None if c.shared_latent else nn.Parameter(torch.zeros(c.hidden_size, c.rt3, dtype=dtype))
+        )  # Ut3
+        self.o_core = nn.Parameter(torch.zeros(c.num_heads, o_out, c.rt3, dtype=dtype))  # Bt_h
+        self.o_shared = nn.Parameter(torch.zeros(c.hidden_size, c.rt2, dtype=dtype))  # Ut2
+        if c.rope:
+            freqs = default_inv_freq(c.r3, rope_base) if latent_freqs is None else latent_freqs
+            if freqs.shape != (c.r3 // 2,):
+                raise ValueError(f"latent_freqs has shape {tuple(freqs.shape)}, expected ({c.r3 // 2},)")
+            self.register_buffer("latent_freqs", freqs.to(torch.float64), persistent=False)
+
+    @classmethod
+    def from_factors(cls, factors: TuckerFactors, latent_freqs=None, scale=None, rope=True) -> "TuckerAttention":
+        """Build from Tucker factors (dense per-head cores), copying the folded weights."""
+        module = cls(factors.config(rope), latent_freqs, scale, dtype=factors.U2.dtype)
+        B, Bt = factors.fold()
+        with torch.no_grad():
+            module.q_shared.copy_(factors.U2)
+            module.q_core.copy_(B)
+            module.k_latent.copy_(factors.U3)
+            if module.v_latent is not None:
+                module.v_latent.copy_(factors.Ut3)
+            module.o_core.copy_(Bt)
+            module.o_shared.copy_(factors.Ut2)
+        return module
+
+    def latents(self, x: torch.Tensor, positions: torch.Tensor):
+        """Rotated per-head queries (B, H, T, r3), rotated key (B, T, r3), value (B, T, rt3)."""
+        c = self.config
+        qs = x @ self.q_shared  # (B, T, r2)
+        if self.block_core:
+            q = torch.einsum("bthr,hrs->bhts", qs.unflatten(-1, (c.num_heads, -1)), self.q_core)
+        else:
+            q = torch.einsum("btr,hrs->bhts", qs, self.q_core)
+        k = x @ self.k_latent  # (B, T, r3)
+        v = k if self.v_latent is None else x @ self.v_latent
+        if c.rope:
+            cos, sin = rope_cos_sin(self.latent_freqs, positions)  # (B, T, r3/2) or (T, r3/2)
+            q = apply_rope(q, cos.unsqueeze(-3), sin.unsqueeze(-3))
+            k = apply_rope(k, cos, sin)
+        return q, k, v
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        """Fold per-head latent outputs y (B, H, T, rt3) to the model width (B, T, d)."""
+        if self.block_core:
+            z = torch.einsum("bhts,hos->btho", y, self.o_core).flatten(-2)  # (B, T, rt2)
+        else:
+            z = torch.einsum("bhts,hos->bto", y, self.o_core)
+        return z @ self.o_shared.T
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, d), positions (B, T) or (T,) (default 0..T-1) -> (B, T, d)."""
+        if positions is None:
+            positions = torch.arange(x.shape[1], device=x.device)
+        q, k, v = self.latents(x, positions)
+        return self.output(latent_attention(q, k, v, self.scale))

@@ -1,0 +1,100 @@
+"""The one place that counts attention parameters and KV-cache bytes (torch-free).
+
+Cache widths are numbers stored per token per layer; bytes multiply by the element size. The
+plugin, the metrics, the benchmark and the docs all import these functions.
+"""
+
+from __future__ import annotations
+
+import math
+
+_DTYPE_BYTES = {
+    "float32": 4, "fp32": 4, "float": 4,
+    "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2,
+    "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,
+}
+
+
+def dtype_bytes(dtype) -> int:
+    """Element size of a dtype given as a string ('bfloat16') or a torch dtype."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}: known are {sorted(_DTYPE_BYTES)}")
+    return _DTYPE_BYTES[name]
+
+
+def mha_kv_width(num_heads: int, head_dim: int) -> int:
+    """MHA caches a key and a value per head."""
+    return 2 * num_heads * head_dim
+
+
+def gqa_kv_width(num_kv_heads: int, head_dim: int) -> int:
+    """GQA caches a key and a value per KV head (MQA: num_kv_heads = 1)."""
+    return 2 * num_kv_heads * head_dim
+
+
+def mla_kv_width(kv_lora_rank: int, rope_dim: int = 0) -> int:
+    """MLA caches its compressed latent plus the decoupled RoPE key (0 when RoPE is on the latent)."""
+    return kv_lora_rank + rope_dim
+
+
+def tucker_kv_width(r3: int, rt3: int, shared_latent: bool = False) -> int:
+    """Tucker caches one latent key (r3) and value (rt3) per token; shared-latent only the key."""
+    return r3 if shared_latent else r3 + rt3
+
+
+def kv_bytes_per_token(width: int, num_layers: int, dtype) -> int:
+    """Bytes one token occupies in the cache of the whole model."""
+    return width * num_layers * dtype_bytes(dtype)
+
+
+def kv_cache_bytes(width: int, num_layers: int, num_tokens: int, dtype) -> int:
+    """Bytes of a cache holding `num_tokens` tokens."""
+    return kv_bytes_per_token(width, num_layers, dtype) * num_tokens
+
+
+def capacity_tokens(budget_bytes: int, width: int, num_layers: int, dtype, block_size: int = 1) -> int:
+    """Tokens a cache budget holds, in whole blocks of `block_size` tokens."""
+    per_block = kv_bytes_per_token(width, num_layers, dtype) * block_size
+    return budget_bytes // per_block * block_size
+
+
+def max_concurrency(capacity: int, context_len: int, block_size: int = 1) -> float:
+    """Sequences of `context_len` tokens that fit at once (each rounded up to whole blocks)."""
+    return capacity / (math.ceil(context_len / block_size) * block_size)
+
+
+def compression_ratio(source_width: int, tucker_width: int) -> float:
+    """Source cache bytes per token over the converted model's."""
+    return source_width / tucker_width
+
+
+def gqa_params(hidden: int, num_heads: int, num_kv_heads: int, head_dim: int) -> int:
+    """Attention weights of MHA/GQA/MQA (no biases): Wq, Wo (d x H D) and Wk, Wv (d x G D)."""
+    return 2 * hidden * num_heads * head_dim + 2 * hidden * num_kv_heads * head_dim
+
+
+def mla_params(hidden: int, num_heads: int, head_dim: int, kv_lora_rank: int, q_lora_rank: int) -> int:
+    """MLA with RoPE on the latent: W_DQ, W_UQ, W_DKV, W_UK, W_UV, W_O (no norms, no biases)."""
+    return (
+        hidden * q_lora_rank + q_lora_rank * num_heads * head_dim
+        + hidden * kv_lora_rank + 2 * kv_lora_rank * num_heads * head_dim
+        + num_heads * head_dim * hidden
+    )
+
+
+def tucker_params(hidden: int, num_heads: int, ranks, post_ranks=None, shared_latent: bool = False) -> int:
+    """Tucker attention: core + factors of both tensors, 2(r1 r2 r3 + H r1 + d r2 + d r3) when equal.
+
+    A shared latent reuses U3 as Ut3, so Ut3 is not counted.
+    """
+    r1, r2, r3 = ranks
+    t1, t2, t3 = ranks if post_ranks is None else post_ranks
+    pre = r1 * r2 * r3 + num_heads * r1 + hidden * r2 + hidden * r3
+    post = t1 * t2 * t3 + num_heads * t1 + hidden * t2 + (0 if shared_latent else hidden * t3)
+    return pre + post
+
+
+def param_bytes(params_per_layer: int, num_layers: int, dtype) -> int:
+    """Bytes of attention weights over the model."""
+    return params_per_layer * num_layers * dtype_bytes(dtype)
