@@ -36,27 +36,27 @@ class TuckerAttention(nn.Module):
         scale: float | None = None,
         block_core: bool = False,
         rope_base: float = 10000.0,
+        bias: bool = False,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         c = config
         self.config, self.block_core = c, block_core
         self.scale = 1.0 / math.sqrt(c.r3) if scale is None else scale
-        q_in = c.r2 // c.num_heads if block_core else c.r2
-        o_out = c.rt2 // c.num_heads if block_core else c.rt2
         if block_core and (c.r2 % c.num_heads or c.rt2 % c.num_heads):
             raise ValueError(f"block_core needs r2={c.r2} and rt2={c.rt2} divisible by num_heads={c.num_heads}")
-        self.q_shared = nn.Parameter(torch.zeros(c.hidden_size, c.r2, dtype=dtype))  # U2
+        q_in = c.r2 // c.num_heads if block_core else c.r2
+        o_out = c.rt2 // c.num_heads if block_core else c.rt2
+        linear = lambda i, o, b: nn.Linear(i, o, bias=b, dtype=dtype)
+        self.q_shared = linear(c.hidden_size, c.r2, bias)  # U2^T
         self.q_core = nn.Parameter(torch.zeros(c.num_heads, q_in, c.r3, dtype=dtype))  # B_h
-        self.k_latent = nn.Parameter(torch.zeros(c.hidden_size, c.r3, dtype=dtype))  # U3
-        self.v_latent = (
-            None if c.shared_latent else nn.Parameter(torch.zeros(c.hidden_size, c.rt3, dtype=dtype))
-        )  # Ut3
+        self.k_latent = linear(c.hidden_size, c.r3, bias)  # U3^T
+        self.v_latent = None if c.shared_latent else linear(c.hidden_size, c.rt3, bias)  # Ut3^T
         self.o_core = nn.Parameter(torch.zeros(c.num_heads, o_out, c.rt3, dtype=dtype))  # Bt_h
-        self.o_shared = nn.Parameter(torch.zeros(c.hidden_size, c.rt2, dtype=dtype))  # Ut2
+        self.o_shared = linear(c.rt2, c.hidden_size, False)  # Ut2
         if c.rope:
             freqs = default_inv_freq(c.r3, rope_base) if latent_freqs is None else latent_freqs
-            if freqs.shape != (c.r3 // 2,):
+            if tuple(freqs.shape) != (c.r3 // 2,):
                 raise ValueError(f"latent_freqs has shape {tuple(freqs.shape)}, expected ({c.r3 // 2},)")
             self.register_buffer("latent_freqs", freqs.to(torch.float64), persistent=False)
 
@@ -66,25 +66,25 @@ class TuckerAttention(nn.Module):
         module = cls(factors.config(rope), latent_freqs, scale, dtype=factors.U2.dtype)
         B, Bt = factors.fold()
         with torch.no_grad():
-            module.q_shared.copy_(factors.U2)
+            module.q_shared.weight.copy_(factors.U2.T)
             module.q_core.copy_(B)
-            module.k_latent.copy_(factors.U3)
+            module.k_latent.weight.copy_(factors.U3.T)
             if module.v_latent is not None:
-                module.v_latent.copy_(factors.Ut3)
+                module.v_latent.weight.copy_(factors.Ut3.T)
             module.o_core.copy_(Bt)
-            module.o_shared.copy_(factors.Ut2)
+            module.o_shared.weight.copy_(factors.Ut2)
         return module
 
     def latents(self, x: torch.Tensor, positions: torch.Tensor):
         """Rotated per-head queries (B, H, T, r3), rotated key (B, T, r3), value (B, T, rt3)."""
         c = self.config
-        qs = x @ self.q_shared  # (B, T, r2)
+        qs = self.q_shared(x)  # (B, T, r2)
         if self.block_core:
             q = torch.einsum("bthr,hrs->bhts", qs.unflatten(-1, (c.num_heads, -1)), self.q_core)
         else:
             q = torch.einsum("btr,hrs->bhts", qs, self.q_core)
-        k = x @ self.k_latent  # (B, T, r3)
-        v = k if self.v_latent is None else x @ self.v_latent
+        k = self.k_latent(x)  # (B, T, r3)
+        v = k if self.v_latent is None else self.v_latent(x)
         if c.rope:
             cos, sin = rope_cos_sin(self.latent_freqs, positions)  # (B, T, r3/2) or (T, r3/2)
             q = apply_rope(q, cos.unsqueeze(-3), sin.unsqueeze(-3))
@@ -97,7 +97,7 @@ class TuckerAttention(nn.Module):
             z = torch.einsum("bhts,hos->btho", y, self.o_core).flatten(-2)  # (B, T, rt2)
         else:
             z = torch.einsum("bhts,hos->bto", y, self.o_core)
-        return z @ self.o_shared.T
+        return self.o_shared(z)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, d), positions (B, T) or (T,) (default 0..T-1) -> (B, T, d)."""

@@ -7,6 +7,7 @@ import sys
 
 from tucker_serve import cache_layout as cl
 
+MODEL_HELP = "built-in name (smollm2-135m), Hugging Face folder, .gguf file or Tucker folder"
 SCHEMES = "mha:H,D | gqa:G,D | mla:RANK[,ROPE_DIM] | tucker:R3,RT3 | tucker-shared:R3"
 
 
@@ -41,6 +42,45 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from tucker_serve.convert import ConvertOptions, convert
+
+    opt = ConvertOptions(
+        kv_ratio=args.kv_ratio, key_rank=args.key_rank, value_rank=args.value_rank,
+        full_rank=args.full_rank, calib_text=args.calib_text, calib_tokens=args.calib_tokens, dtype=args.dtype,
+    )
+    report = convert(args.model, args.out, opt, progress=not args.quiet)
+    bytes_ = report["bytes_per_token"]
+    print(f"wrote {args.out}: key rank {report['key_rank']}, value rank {report['value_rank']}, "
+          f"{bytes_['converted']:,} B/token vs {bytes_['source']:,} (x{report['compression_ratio']:.2f}) "
+          f"in {report['seconds']:.0f} s")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from tucker_serve.evaluate import evaluate
+
+    result = evaluate(args.model, args.text, args.tokens, args.window, progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.model}: perplexity {result['perplexity']:.3f} on {result['tokens']:,} tokens of {args.text}")
+    return 0
+
+
+def cmd_heal(args: argparse.Namespace) -> int:
+    from tucker_serve.heal import HealOptions, heal
+
+    given = {k: getattr(args, k) for k in ("steps", "minutes", "lr", "seq", "batch", "text", "source")}
+    opt = HealOptions(**{k: v for k, v in given.items() if v is not None})
+    h = heal(args.model, args.out, opt, progress=True)["healing"]
+    print(f"wrote {args.out}: perplexity {h['perplexity_before']:.3f} -> {h['perplexity_after']:.3f} "
+          f"after {h['steps_done']} steps ({h['minutes_done']:.1f} min)")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     print("tucker-serve serve: the HTTP server is not built yet (see the server issue).", file=sys.stderr)
     return 2
@@ -58,6 +98,41 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--context", type=int, default=4096, help="tokens per sequence for concurrency")
     mem.add_argument("--block-size", type=int, default=16)
     mem.set_defaults(func=cmd_memory)
+
+    conv = sub.add_parser("convert", help="convert a Llama-family model to Tucker attention")
+    conv.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
+    conv.add_argument("--out", required=True, help="output folder (written atomically)")
+    rank = conv.add_mutually_exclusive_group(required=True)
+    rank.add_argument("--kv-ratio", type=float, help="target KV-cache compression against the source")
+    rank.add_argument("--full-rank", action="store_true", help="exact conversion (no compression)")
+    rank.add_argument("--key-rank", type=int, help="latent key width r3 (with --value-rank)")
+    conv.add_argument("--value-rank", type=int, help="latent value width rt3 (with --key-rank)")
+    conv.add_argument("--calib-text", default="wiki", help="wiki, news or a UTF-8 file")
+    conv.add_argument("--calib-tokens", type=int, default=8192)
+    conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    conv.add_argument("--quiet", action="store_true", help="no progress bars")
+    conv.set_defaults(func=cmd_convert)
+
+    ev = sub.add_parser("eval", help="perplexity on real text (non-overlapping windows)")
+    ev.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
+    ev.add_argument("--text", default="wiki", help="wiki, news or a UTF-8 file")
+    ev.add_argument("--tokens", type=int, default=16384)
+    ev.add_argument("--window", type=int, default=1024)
+    ev.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    ev.set_defaults(func=cmd_eval)
+
+    heal = sub.add_parser("heal", help="distil the source into a converted model (attention only)")
+    heal.add_argument("--model", required=True, help="a Tucker folder")
+    heal.add_argument("--out", required=True)
+    budget = heal.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--steps", type=int)
+    budget.add_argument("--minutes", type=float)
+    heal.add_argument("--lr", type=float, help="peak learning rate (cosine schedule)")
+    heal.add_argument("--seq", type=int, help="tokens per training window")
+    heal.add_argument("--batch", type=int, help="windows per step")
+    heal.add_argument("--text", help="calibration texts, comma-separated (default wiki,news)")
+    heal.add_argument("--source", help="source model (default: the one recorded at conversion)")
+    heal.set_defaults(func=cmd_heal)
 
     serve = sub.add_parser("serve", help="serve a model over the OpenAI API")
     serve.set_defaults(func=cmd_serve)

@@ -1,0 +1,18 @@
+"""vLLM plugin: the TuckerLlamaForCausalLM model and the TUCKER attention backend.
+
+`register` is the `vllm.general_plugins` entry point; vLLM calls it in every process it starts,
+so it only adds what is not registered yet.
+"""
+
+ARCH = "TuckerLlamaForCausalLM"
+BACKEND = "TUCKER"
+
+
+def register() -> None:
+    from vllm import ModelRegistry
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    if BACKEND not in AttentionBackendEnum.__members__:
+        AttentionBackendEnum.register(BACKEND, "tucker_vllm.backend.TuckerAttentionBackend")
+    if ARCH not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCH, "tucker_vllm.model:TuckerLlamaForCausalLM")

@@ -1,0 +1,118 @@
+"""TUCKER attention backend for vLLM: one latent per token per layer in vLLM's paged cache.
+
+vLLM hands each layer kv_cache (num_blocks, 1, block_size, r3 + rt3): the rotated latent key then
+the latent value of every token, shared by all query heads. `forward` dispatches once per platform:
+CPU runs the vectorised PyTorch ops of `tucker_serve.ops.paged`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_interface import KVCacheLayout
+
+from tucker_serve.ops.paged import paged_attention, write_latent_cache
+
+BACKEND_NAME = "TUCKER"
+
+
+@dataclass
+class TuckerMetadata:
+    num_actual_tokens: int
+    query_start_loc: torch.Tensor  # (B+1,) int32
+    seq_lens: torch.Tensor  # (B,) context length including this step's tokens
+    block_table: torch.Tensor  # (B, max_blocks) int32
+    slot_mapping: torch.Tensor  # (T,) int64, -1 = padding
+
+
+class TuckerMetadataBuilder(AttentionMetadataBuilder[TuckerMetadata]):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> TuckerMetadata:
+        m = common_attn_metadata
+        return TuckerMetadata(
+            num_actual_tokens=m.num_actual_tokens,
+            query_start_loc=m.query_start_loc[: m.num_reqs + 1],
+            seq_lens=m.seq_lens[: m.num_reqs],
+            block_table=m.block_table_tensor[: m.num_reqs],
+            slot_mapping=m.slot_mapping,
+        )
+
+
+class TuckerAttentionImpl(AttentionImpl[TuckerMetadata]):
+    """MQA over the shared latent: query (T, H, r3), key (T, 1, r3), value (T, 1, rt3)."""
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
+                 alibi_slopes=None, sliding_window=None, kv_cache_dtype: str = "auto",
+                 logits_soft_cap=None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, **extra) -> None:
+        if num_kv_heads not in (None, 1):
+            raise ValueError(f"the TUCKER backend caches one latent per token, got num_kv_heads={num_kv_heads}")
+        unsupported = {"alibi_slopes": alibi_slopes, "sliding_window": sliding_window,
+                       "logits_soft_cap": logits_soft_cap, "kv_sharing_target_layer_name": kv_sharing_target_layer_name}
+        for name, value in unsupported.items():
+            if value:
+                raise ValueError(f"the TUCKER backend does not support {name}")
+        if attn_type != AttentionType.DECODER:
+            raise ValueError(f"the TUCKER backend supports decoder attention only, got {attn_type}")
+        if kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"the TUCKER backend does not support kv_cache_dtype={kv_cache_dtype}")
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
+        self.num_kv_heads, self.kv_cache_dtype = 1, kv_cache_dtype
+
+    def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        if kv_cache.numel() == 0:
+            return
+        n = slot_mapping.shape[0]
+        write_latent_cache(kv_cache, key[:n, 0], value[:n, 0], slot_mapping)
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: TuckerMetadata | None, output: torch.Tensor,
+                output_scale=None, output_block_scale=None) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise ValueError("the TUCKER backend does not fuse output quantization")
+        if attn_metadata is None:  # memory profiling: no cache, no metadata
+            return output
+        n, m = attn_metadata.num_actual_tokens, attn_metadata
+        paged_attention(query[:n], kv_cache, m.query_start_loc, m.seq_lens, m.block_table,
+                        self.scale, output[:n])
+        return output
+
+
+class TuckerAttentionBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float32, torch.bfloat16, torch.float16]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float32", "bfloat16", "float16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls() -> type[TuckerAttentionImpl]:
+        return TuckerAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[TuckerMetadataBuilder]:
+        return TuckerMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(1)]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        return (KVCacheLayout.LBHNC,)

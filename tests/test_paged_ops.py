@@ -1,0 +1,72 @@
+"""The paged latent attention of the CPU backend against a dense per-request reference."""
+
+import pytest
+import torch
+
+from tucker_serve.ops.paged import paged_attention, write_latent_cache
+
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
+H, R3, RT3, BS = 6, 12, 20, 16
+
+
+def dense(q, k, v, scale):
+    """q (q_len, H, r3) are the last q_len of L tokens with keys k (L, r3), values v (L, rt3)."""
+    q_len, ctx = q.shape[0], k.shape[0]
+    scores = torch.einsum("qhr,lr->hql", q, k) * scale
+    allowed = torch.arange(ctx)[None] <= torch.arange(ctx - q_len, ctx)[:, None]
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return torch.einsum("hql,ls->qhs", probs, v)
+
+
+def make_batch(ctx_lens, q_lens, dtype, seed=0):
+    """A cache with shuffled blocks holding every request's latents; queries for the new tokens."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_per = [-(-c // BS) for c in ctx_lens]
+    num_blocks = sum(blocks_per) + 3
+    perm = torch.randperm(num_blocks, generator=g)
+    table = torch.zeros(len(ctx_lens), max(blocks_per), dtype=torch.int32)
+    cache = torch.randn(num_blocks, 1, BS, R3 + RT3, generator=g, dtype=dtype)  # junk everywhere
+    keys, values, used = [], [], 0
+    for i, (c, nb) in enumerate(zip(ctx_lens, blocks_per)):
+        table[i, :nb] = perm[used: used + nb]
+        used += nb
+        k, v = torch.randn(c, R3, generator=g, dtype=dtype), torch.randn(c, RT3, generator=g, dtype=dtype)
+        slots = table[i, torch.arange(c) // BS].long() * BS + torch.arange(c) % BS
+        write_latent_cache(cache, k, v, slots)
+        keys.append(k)
+        values.append(v)
+    q = torch.randn(sum(q_lens), H, R3, generator=g, dtype=dtype)
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    return cache, table, keys, values, q, qsl
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_paged_attention_matches_dense_on_ragged_mixed_batch(dtype):
+    # decodes at 1 token, exactly one block and many blocks; a fresh prefill; a chunk over a prefix
+    ctx_lens = [1, BS, 5 * BS + 3, 40, 70]
+    q_lens = [1, 1, 1, 40, 29]
+    cache, table, keys, values, q, qsl = make_batch(ctx_lens, q_lens, dtype)
+    out = torch.full((q.shape[0], H, RT3), float("nan"), dtype=dtype)
+    paged_attention(q, cache, qsl, torch.tensor(ctx_lens, dtype=torch.int32), table, 0.3, out)
+    for i in range(len(ctx_lens)):
+        a, b = int(qsl[i]), int(qsl[i + 1])
+        want = dense(q[a:b], keys[i], values[i], 0.3)
+        assert (out[a:b] - want).abs().max().item() <= TOL[dtype] * want.abs().max().item()
+
+
+def test_padding_slots_are_not_written():
+    cache = torch.zeros(2, 1, BS, R3 + RT3)
+    k, v = torch.ones(3, R3), torch.ones(3, RT3)
+    write_latent_cache(cache, k, v, torch.tensor([5, -1, 17]))
+    rows = cache.view(-1, R3 + RT3)
+    assert rows.abs().sum(1).nonzero().flatten().tolist() == [5, 17]
+
+
+def test_junk_beyond_the_context_does_not_leak():
+    cache, table, keys, values, q, qsl = make_batch([20], [1], torch.float64, seed=3)
+    out = torch.empty(1, H, RT3, dtype=torch.float64)
+    paged_attention(q, cache, qsl, torch.tensor([20], dtype=torch.int32), table, 0.5, out)
+    cache[table[0, 1].long(), 0, 4:] = 1e6  # block 1 holds tokens 16..19; the rest is not context
+    again = torch.empty_like(out)
+    paged_attention(q, cache, qsl, torch.tensor([20], dtype=torch.int32), table, 0.5, again)
+    assert torch.equal(out, again)

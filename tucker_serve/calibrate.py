@@ -1,0 +1,126 @@
+"""Attention statistics of a source Llama-family model on calibration text (float64 sums).
+
+Per layer: the key covariance per RoPE frequency (complex, G x G), the query energy per head and
+frequency, the Gram matrix of the stacked values, and per query head the Gram matrix of its
+attention outputs over every group's values (y_h = A_h V). Conversion turns them into latent bases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from tucker_serve.rope import apply_rope, llama_inv_freq, rope_cos_sin
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """Shape of a source model's attention, read from its Hugging Face config."""
+
+    hidden: int
+    heads: int
+    groups: int
+    head_dim: int
+    inv_freq: torch.Tensor  # (head_dim/2,) float64, rope scaling applied
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "AttentionShape":
+        heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope = {"rope_theta": cfg.get("rope_theta", 10000.0), **rope}
+        return cls(cfg["hidden_size"], heads, cfg.get("num_key_value_heads", heads), head_dim,
+                   llama_inv_freq(head_dim, rope))
+
+    @property
+    def kv_width(self) -> int:
+        return 2 * self.groups * self.head_dim
+
+
+@dataclass
+class LayerStats:
+    key_cov: torch.Tensor  # (D/2, G, G) complex128, sum of z z^H
+    key_attn_cov: torch.Tensor  # (D/2, G, G): per query, covariance of rotated keys under its attention
+    query_energy: torch.Tensor  # (H, D/2), sum of |zq|^2
+    value_gram: torch.Tensor  # (G*D, G*D), sum of v v^T
+    out_gram: torch.Tensor  # (H, G*D, G*D), sum of y_h y_h^T
+    tokens: int = 0
+
+    @classmethod
+    def zeros(cls, s: AttentionShape) -> "LayerStats":
+        half, gd = s.head_dim // 2, s.groups * s.head_dim
+        f64 = torch.float64
+        return cls(torch.zeros(half, s.groups, s.groups, dtype=torch.complex128),
+                   torch.zeros(half, s.groups, s.groups, dtype=torch.complex128),
+                   torch.zeros(s.heads, half, dtype=f64), torch.zeros(gd, gd, dtype=f64),
+                   torch.zeros(s.heads, gd, gd, dtype=f64))
+
+
+def project_qkv(attn, x: torch.Tensor, s: AttentionShape):
+    """Pre-RoPE q (T, H, D), k and v (T, G, D) of a transformers attention module."""
+    q = attn.q_proj(x).unflatten(-1, (s.heads, s.head_dim))
+    k = attn.k_proj(x).unflatten(-1, (s.groups, s.head_dim))
+    v = attn.v_proj(x).unflatten(-1, (s.groups, s.head_dim))
+    return q, k, v
+
+
+def as_complex(x: torch.Tensor) -> torch.Tensor:
+    """Rotate-half pairs (x[k], x[k + D/2]) as complex numbers: (..., D) -> (..., D/2)."""
+    a, b = x.double().chunk(2, dim=-1)
+    return torch.complex(a, b)
+
+
+@torch.no_grad()
+def accumulate(stats: LayerStats, attn, x: torch.Tensor, s: AttentionShape) -> None:
+    """Add one window x (T, d) of attention inputs to a layer's statistics."""
+    T = x.shape[0]
+    q, k, v = project_qkv(attn, x, s)
+    zk, zq = as_complex(k), as_complex(q)  # (T, G, D/2), (T, H, D/2)
+    stats.key_cov += torch.einsum("tgk,thk->kgh", zk, zk.conj())
+    stats.query_energy += zq.abs().square().sum(0)
+    vs = v.flatten(1)  # (T, G*D)
+    stats.value_gram += (vs.T @ vs).double()
+    cos, sin = rope_cos_sin(s.inv_freq, torch.arange(T))
+    qr = apply_rope(q, cos[:, None], sin[:, None]).transpose(0, 1)  # (H, T, D)
+    kr = apply_rope(k, cos[:, None], sin[:, None]).transpose(0, 1)  # (G, T, D)
+    scores = qr @ kr.repeat_interleave(s.heads // s.groups, 0).transpose(1, 2) * s.head_dim**-0.5
+    probs = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    y = probs @ vs  # (H, T, G*D): head h's attention applied to every group's values
+    # Softmax ignores logit errors common to all keys of a query: what matters is the spread of
+    # the (rotated) keys under each query's attention, E_A[w w^H] - E_A[w] E_A[w]^H.
+    zk32 = zk.to(torch.complex64)
+    received = probs.sum((0, 1))  # (T,): attention each key receives, over heads and queries
+    wz = zk32 * torch.polar(torch.ones_like(cos), torch.arange(T)[:, None] * s.inv_freq)[:, None].to(torch.complex64)
+    flat = torch.view_as_real(wz).flatten(1)  # (T, G*D/2*2)
+    mu = torch.view_as_complex((probs @ flat).unflatten(-1, (s.groups, s.head_dim // 2, 2)).contiguous())
+    first = torch.einsum("t,tgk,thk->kgh", received.to(torch.complex64), zk32, zk32.conj())
+    second = torch.einsum("mtgk,mthk->kgh", mu, mu.conj())
+    stats.key_attn_cov += (first - second).to(torch.complex128)
+    stats.out_gram += (y.transpose(1, 2) @ y).double()
+    stats.tokens += T
+
+
+@torch.no_grad()
+def collect(model, token_ids: torch.Tensor, window: int, progress: bool = True) -> list[LayerStats]:
+    """Run a transformers Llama-family model over `token_ids` in windows; statistics per layer."""
+    s = AttentionShape.from_config(model.config.to_dict())
+    layers = model.model.layers
+    stats = [LayerStats.zeros(s) for _ in layers]
+
+    def hook(index):
+        def grab(module, args, kwargs):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            accumulate(stats[index], module, x[0].float(), s)
+        return grab
+
+    handles = [layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        chunks = token_ids.split(window)
+        for chunk in tqdm(chunks, desc="calibrating", unit="window", disable=not progress):
+            model(chunk[None])
+    finally:
+        for h in handles:
+            h.remove()
+    return stats

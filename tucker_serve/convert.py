@@ -1,0 +1,247 @@
+"""Convert a Llama-family checkpoint to Tucker attention (DESIGN.md s2), exact at full rank.
+
+Keys: per RoPE frequency k, the G KV heads' rotate-half pairs form z_k in C^G; a complex basis
+per frequency commutes with RoPE, so the latent key keeps the leading components of z_k chosen
+globally across frequencies, and each query head reads it through a least-squares decoder.
+Values: the top principal directions of the stacked values under the output projection's metric;
+each head's output map is then fitted by least squares on its calibrated attention outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tucker_serve import cache_layout as cl
+from tucker_serve.calibrate import AttentionShape, LayerStats, collect
+from tucker_serve.paths import atomic_dir
+from tucker_serve.rope import basis_freqs, complex_basis_map
+from tucker_serve.sources import TOKENIZER_FILES, TUCKER_ARCH, ModelError, load_hf_model, load_tokenizer, resolve
+from tucker_serve.text import load_text
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    kv_ratio: float | None = None
+    key_rank: int | None = None
+    value_rank: int | None = None
+    full_rank: bool = False
+    calib_text: str = "wiki"
+    calib_tokens: int = 8192
+    calib_window: int = 512
+    dtype: str = "float32"
+    key_metric: str = "attention"  # attention | query | plain (see key_bases)
+    value_stat: str = "values"  # values | outputs: the Gram matrix whose principal directions are kept
+
+
+def choose_ranks(s: AttentionShape, opt: ConvertOptions) -> tuple[int, int]:
+    """Latent key and value widths (r3, rt3) from --full-rank, explicit ranks or --kv-ratio."""
+    full = s.groups * s.head_dim
+    chosen = [opt.full_rank, opt.kv_ratio is not None, opt.key_rank is not None or opt.value_rank is not None]
+    if sum(chosen) != 1:
+        raise ModelError("give exactly one of --full-rank, --kv-ratio or --key-rank/--value-rank")
+    if opt.full_rank:
+        return full, full
+    if opt.kv_ratio is not None:
+        if not 1 <= opt.kv_ratio <= s.kv_width / 4:
+            raise ModelError(f"--kv-ratio {opt.kv_ratio} must lie in [1, {s.kv_width / 4:g}] for this model")
+        total = s.kv_width / opt.kv_ratio
+        key = 2 * round(total * default_key_fraction(opt.kv_ratio) / 2)
+        return min(key, full), min(round(total) - key, full)
+    if opt.key_rank is None or opt.value_rank is None:
+        raise ModelError("--key-rank and --value-rank go together")
+    for name, rank in (("--key-rank", opt.key_rank), ("--value-rank", opt.value_rank)):
+        if not 1 <= rank <= full:
+            raise ModelError(f"{name} {rank} must lie in [1, {full}] (G*D of this model)")
+    if opt.key_rank % 2:
+        raise ModelError(f"--key-rank {opt.key_rank} must be even (latent RoPE rotates pairs)")
+    return opt.key_rank, opt.value_rank
+
+
+def default_key_fraction(ratio: float) -> float:
+    """Share of the latent given to keys: equal up to 3x, more for keys beyond (measured, docs/quality.md)."""
+    return 0.5 if ratio <= 3 else min(0.75, 0.5 + 0.0625 * (ratio - 3))
+
+
+def key_bases(st: LayerStats, s: AttentionShape, r3: int, metric: str):
+    """Per-frequency encoder and decoder bases (G, m_k) complex, and the retained key energy."""
+    cov = (st.key_attn_cov if metric == "attention" else st.key_cov) / st.tokens  # (D/2, G, G)
+    if metric in ("query", "attention"):
+        rep = s.heads // s.groups
+        qe = (st.query_energy / st.tokens).unflatten(0, (s.groups, rep)).sum(1).T  # (D/2, G)
+        w = (qe + 1e-6 * qe.mean()).sqrt().to(cov.dtype)
+    else:
+        w = torch.ones(cov.shape[:2], dtype=cov.dtype)
+    lam, vec = torch.linalg.eigh(w[:, :, None] * cov * w[:, None, :])  # ascending per frequency
+    lam, vec = lam.flip(-1).clamp_min(0), vec.flip(-1)
+    keep = torch.zeros_like(lam, dtype=torch.bool).flatten()
+    keep[lam.flatten().argsort(descending=True)[: r3 // 2]] = True
+    counts = keep.view(lam.shape).sum(1)
+    enc, dec = [], []
+    for k, m in enumerate(counts.tolist()):
+        p = w[k, :, None] * vec[k, :, :m]  # encoder: c = p^H z
+        enc.append(p)
+        dec.append(_ls_decoder(cov[k], p))
+    return enc, dec, (lam.flatten()[keep].sum() / lam.sum()).item()
+
+
+def _ls_decoder(cov: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """M minimizing E|z - M p^H z|^2 under covariance `cov`: exact inverse when p is square."""
+    m = p.shape[1]
+    if m == 0:
+        return p
+    if m == p.shape[0]:
+        return torch.linalg.inv(p.conj().T)
+    gram = p.conj().T @ cov @ p
+    ridge = 1e-9 * gram.diagonal().real.mean() * torch.eye(m, dtype=gram.dtype)
+    return torch.linalg.solve(gram + ridge, (cov @ p).conj().T).conj().T
+
+
+def value_maps(st: LayerStats, s: AttentionShape, o_weight: torch.Tensor, rt3: int, stat: str):
+    """Value encoder (G*D, rt3), per-head output maps (H, D, rt3), retained (metric) energy."""
+    D, G, H, rep = s.head_dim, s.groups, s.heads, s.heads // s.groups
+    wo = o_weight.double().T.unflatten(0, (H, D))  # (H, D, d): head h's rows of Wo
+    metric = torch.einsum("hid,hjd->hij", wo, wo).unflatten(0, (G, rep)).sum(1)  # (G, D, D)
+    root = torch.block_diag(*[_sqrtm(m) for m in metric])  # (G*D, G*D)
+    gram = st.value_gram if stat == "values" else st.out_gram.mean(0)
+    lam, vec = torch.linalg.eigh(root @ (gram / st.tokens) @ root)
+    lam, vec = lam.flip(0).clamp_min(0), vec.flip(1)
+    enc = root @ vec[:, :rt3]  # latent value = v @ enc
+    decoders = []
+    for h in range(H):
+        block = slice((h // rep) * D, (h // rep + 1) * D)
+        if rt3 == G * D:
+            decoders.append(torch.linalg.inv(enc)[:, block])
+            continue
+        g_h = enc.T @ st.out_gram[h] @ enc
+        ridge = 1e-9 * g_h.diagonal().mean() * torch.eye(rt3, dtype=g_h.dtype)
+        decoders.append(torch.linalg.solve(g_h + ridge, enc.T @ st.out_gram[h][:, block]))
+    o_core = torch.stack(decoders).transpose(1, 2)  # (H, D, rt3)
+    return enc, o_core, (lam[:rt3].sum() / lam.sum()).item()
+
+
+def _sqrtm(m: torch.Tensor) -> torch.Tensor:
+    lam, vec = torch.linalg.eigh(m)
+    lam = lam.clamp_min(1e-8 * lam.max())
+    return (vec * lam.sqrt()) @ vec.T
+
+
+def convert_layer(attn, st: LayerStats, s: AttentionShape, r3: int, rt3: int, opt: ConvertOptions):
+    """Tucker tensors of one layer (names relative to `self_attn.`), latent freqs, report row."""
+    D, G, rep = s.head_dim, s.groups, s.heads // s.groups
+    enc, dec, key_energy = key_bases(st, s, r3, opt.key_metric)
+    a_key = complex_basis_map(enc, D)  # (G, D, r3)
+    a_query = complex_basis_map(dec, D)
+    wk = attn.k_proj.weight.double().unflatten(0, (G, D))  # (G, D, d)
+    out = {
+        "q_shared.weight": attn.q_proj.weight,
+        "q_core": a_query.repeat_interleave(rep, 0),  # (H, D, r3)
+        "k_latent.weight": torch.einsum("gir,gid->rd", a_key, wk),
+        "o_shared.weight": attn.o_proj.weight,
+    }
+    v_enc, o_core, value_energy = value_maps(st, s, attn.o_proj.weight, rt3, opt.value_stat)
+    out["v_latent.weight"] = v_enc.T @ attn.v_proj.weight.double()
+    out["o_core"] = o_core
+    if attn.q_proj.bias is not None:
+        out["q_shared.bias"] = attn.q_proj.bias
+        out["k_latent.bias"] = torch.einsum("gir,gi->r", a_key, attn.k_proj.bias.double().unflatten(0, (G, D)))
+        out["v_latent.bias"] = attn.v_proj.bias.double() @ v_enc
+    freqs = basis_freqs(enc, s.inv_freq)
+    row = {"key_energy": round(key_energy, 6), "value_energy": round(value_energy, 6),
+           "key_pairs_per_frequency": [p.shape[1] for p in enc]}
+    return out, freqs, row
+
+
+def calibration_tokens(tokenizer, opt: ConvertOptions) -> torch.Tensor:
+    text = load_text(opt.calib_text, split="calib")
+    ids = tokenizer(text[: opt.calib_tokens * 12], add_special_tokens=False).input_ids[: opt.calib_tokens]
+    if len(ids) < opt.calib_window:
+        raise ModelError(f"calibration text has {len(ids)} tokens; need at least {opt.calib_window}")
+    return torch.tensor(ids[: len(ids) // opt.calib_window * opt.calib_window])
+
+
+def convert(model_spec: str, out_dir, opt: ConvertOptions, progress: bool = True) -> dict:
+    """Write a Tucker folder for `model_spec` to `out_dir` (atomically); return the report."""
+    start = time.time()
+    source = resolve(model_spec)
+    if source.is_tucker:
+        raise ModelError(f"{model_spec} is already a Tucker checkpoint")
+    cfg = source.config
+    s = AttentionShape.from_config(cfg)
+    if s.heads * s.head_dim > s.hidden:
+        raise ModelError(f"{model_spec}: heads x head_dim > hidden_size is not supported")
+    r3, rt3 = choose_ranks(s, opt)
+    dtype = getattr(torch, opt.dtype, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ModelError(f"--dtype {opt.dtype!r} must be float32, bfloat16 or float16")
+    model, tokenizer = load_hf_model(source.folder), load_tokenizer(source.folder)
+    ids = calibration_tokens(tokenizer, opt)
+    stats = collect(model, ids, opt.calib_window, progress)
+    state = {k: v for k, v in model.state_dict().items() if ".self_attn." not in k}
+    if cfg.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    freqs, rows = [], []
+    layers = model.model.layers
+    for i, layer in enumerate(tqdm(layers, desc="converting", unit="layer", disable=not progress)):
+        tensors, f, row = convert_layer(layer.self_attn, stats[i], s, r3, rt3, opt)
+        state.update({f"model.layers.{i}.self_attn.{k}": v for k, v in tensors.items()})
+        freqs.append(f.tolist())
+        rows.append(row)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
+    report = build_report(model_spec, cfg, s, r3, rt3, opt, ids.numel(), rows, time.time() - start)
+    write_folder(out_dir, source.folder, tucker_config(cfg, s, r3, rt3, freqs, opt.dtype), state, report)
+    return report
+
+
+def tucker_config(cfg: dict, s: AttentionShape, r3: int, rt3: int, freqs, dtype: str) -> dict:
+    out = {k: v for k, v in cfg.items() if k not in ("quantization_config", "auto_map", "torch_dtype")}
+    out["architectures"] = [TUCKER_ARCH]
+    out["dtype"] = dtype
+    out["tucker"] = {
+        "r1": s.heads, "r2": s.heads * s.head_dim, "r3": r3,
+        "rt1": s.heads, "rt2": s.heads * s.head_dim, "rt3": rt3,
+        "block_core": True, "shared_latent": False,
+        "qkv_bias": cfg.get("attention_bias", cfg.get("model_type") == "qwen2"),
+        "softmax_scale": s.head_dim**-0.5,
+        "source_kv_width": s.kv_width,
+        "latent_rope_freqs": freqs,
+    }
+    return out
+
+
+def build_report(spec, cfg, s, r3, rt3, opt, tokens, rows, seconds) -> dict:
+    layers = cfg["num_hidden_layers"]
+    width = cl.tucker_kv_width(r3, rt3)
+    return {
+        "source": spec,
+        "key_rank": r3, "value_rank": rt3,
+        "bytes_per_token_per_layer": {"source": s.kv_width * cl.dtype_bytes(opt.dtype),
+                                      "converted": width * cl.dtype_bytes(opt.dtype)},
+        "bytes_per_token": {"source": cl.kv_bytes_per_token(s.kv_width, layers, opt.dtype),
+                            "converted": cl.kv_bytes_per_token(width, layers, opt.dtype)},
+        "compression_ratio": round(cl.compression_ratio(s.kv_width, width), 6),
+        "dtype": opt.dtype,
+        "calibration": {"text": opt.calib_text, "tokens": tokens, "window": opt.calib_window,
+                        "key_metric": opt.key_metric, "value_stat": opt.value_stat},
+        "seconds": round(seconds, 1),
+        "layers": rows,
+    }
+
+
+def write_folder(out_dir, source_folder: Path, config: dict, state: dict, report: dict) -> None:
+    """config.json, model.safetensors, tokenizer files and tucker_report.json, all or nothing."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(Path(out_dir)) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        for name in TOKENIZER_FILES:
+            if (source_folder / name).is_file():
+                shutil.copy2(source_folder / name, tmp / name)
+        (tmp / "tucker_report.json").write_text(json.dumps(report, indent=2))

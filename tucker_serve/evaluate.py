@@ -1,0 +1,64 @@
+"""Perplexity over non-overlapping windows of real text, for source and Tucker models alike."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from tucker_serve.sources import ModelError, load_hf_model, load_tokenizer, resolve
+from tucker_serve.text import load_text
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per scored token (nats)
+    tokens: int  # tokens scored (window - 1 per window)
+    windows: int
+
+
+def load_lm(spec: str):
+    """(model, tokenizer, source) for any --model: the reference TuckerLlama or the transformers model.
+
+    Both are callables input_ids (B, T) -> logits (B, T, vocab).
+    """
+    from tucker_serve.model import TuckerLlama
+
+    source = resolve(spec)
+    tokenizer = load_tokenizer(source.folder)
+    if source.is_tucker:
+        return TuckerLlama.from_pretrained(source.folder), tokenizer, source
+    hf = load_hf_model(source.folder)
+    return (lambda ids: hf(ids).logits), tokenizer, source
+
+
+def text_windows(tokenizer, text: str, tokens: int, window: int) -> torch.Tensor:
+    """The first `tokens` tokens of `text` as (n, window) non-overlapping windows."""
+    if window < 2:
+        raise ModelError(f"--window {window} must be at least 2")
+    ids = tokenizer(text[: tokens * 12], add_special_tokens=False).input_ids[:tokens]
+    n = len(ids) // window
+    if n == 0:
+        raise ModelError(f"the text has {len(ids)} tokens, fewer than one window of {window}")
+    return torch.tensor(ids[: n * window]).view(n, window)
+
+
+@torch.no_grad()
+def perplexity(lm, windows: torch.Tensor, batch: int = 4, progress: bool = True) -> Perplexity:
+    total, count = 0.0, 0
+    for chunk in tqdm(windows.split(batch), desc="evaluating", unit="batch", disable=not progress):
+        logits = lm(chunk).float()
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
+        total += nll.item()
+        count += chunk[:, 1:].numel()
+    return Perplexity(math.exp(total / count), total / count, count, windows.shape[0])
+
+
+def evaluate(spec: str, text: str = "wiki", tokens: int = 16384, window: int = 1024, progress: bool = True) -> dict:
+    lm, tokenizer, source = load_lm(spec)
+    result = perplexity(lm, text_windows(tokenizer, load_text(text, "eval"), tokens, window), progress=progress)
+    return {"model": spec, "text": text, "window": window, "tucker": source.is_tucker, **result.__dict__}

@@ -1,0 +1,174 @@
+"""Reference TuckerLlama in plain PyTorch: loads a folder written by `tucker-serve convert`.
+
+Llama blocks (RMSNorm, SwiGLU MLP, tied or separate LM head) around TuckerAttention. Used by
+evaluation, healing, and as the oracle of the vLLM parity tests.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tucker_serve.attention import TuckerAttention
+from tucker_serve.config import TuckerConfig
+from tucker_serve.sources import TUCKER_ARCH, ModelError
+
+
+@dataclass(frozen=True)
+class TuckerModelConfig:
+    """What the `tucker` block and the Llama fields of a Tucker folder's config.json say."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    attention: TuckerConfig
+    block_core: bool
+    qkv_bias: bool
+    softmax_scale: float
+    latent_rope_freqs: tuple[tuple[float, ...], ...]  # per layer, r3/2 each
+    source_kv_width: int
+
+    @classmethod
+    def from_dict(cls, cfg: dict, where="config.json") -> "TuckerModelConfig":
+        if TUCKER_ARCH not in cfg.get("architectures", []):
+            raise ModelError(f"{where}: architectures must include {TUCKER_ARCH}")
+        t = cfg.get("tucker")
+        if not isinstance(t, dict):
+            raise ModelError(f"{where}: missing field 'tucker' (ranks and latent RoPE of the conversion)")
+        for key in ("r1", "r2", "r3", "rt1", "rt2", "rt3", "softmax_scale", "latent_rope_freqs", "source_kv_width"):
+            if key not in t:
+                raise ModelError(f"{where}: missing field 'tucker.{key}'")
+        attention = TuckerConfig(
+            hidden_size=cfg["hidden_size"], num_heads=cfg["num_attention_heads"],
+            r1=t["r1"], r2=t["r2"], r3=t["r3"], rt1=t["rt1"], rt2=t["rt2"], rt3=t["rt3"],
+            rope=True, shared_latent=t.get("shared_latent", False),
+        )
+        freqs = t["latent_rope_freqs"]
+        layers = cfg["num_hidden_layers"]
+        if len(freqs) != layers or any(len(f) != attention.r3 // 2 for f in freqs):
+            raise ModelError(
+                f"{where}: field 'tucker.latent_rope_freqs' must hold {layers} lists of r3/2="
+                f"{attention.r3 // 2} frequencies"
+            )
+        return cls(
+            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"], num_layers=layers,
+            rms_norm_eps=cfg["rms_norm_eps"], tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention=attention, block_core=t.get("block_core", False), qkv_bias=t.get("qkv_bias", False),
+            softmax_scale=t["softmax_scale"], latent_rope_freqs=tuple(tuple(f) for f in freqs),
+            source_kv_width=t["source_kv_width"],
+        )
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inner: int, dtype) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False, dtype=dtype)
+        self.up_proj = nn.Linear(hidden, inner, bias=False, dtype=dtype)
+        self.down_proj = nn.Linear(inner, hidden, bias=False, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TuckerModelConfig, layer: int, dtype) -> None:
+        super().__init__()
+        freqs = torch.tensor(cfg.latent_rope_freqs[layer], dtype=torch.float64)
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.self_attn = TuckerAttention(
+            cfg.attention, freqs, cfg.softmax_scale, cfg.block_core, bias=cfg.qkv_bias, dtype=dtype
+        )
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TuckerLlama(nn.Module):
+    """Causal LM over Tucker attention; state-dict names follow the Hugging Face Llama layout."""
+
+    def __init__(self, cfg: TuckerModelConfig, dtype=torch.float32) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.model.layers = nn.ModuleList(Block(cfg, i, dtype) for i in range(cfg.num_layers))
+        self.model.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is None:
+            positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+        x = self.model.embed_tokens(input_ids)
+        for block in self.model.layers:
+            x = block(x, positions)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab)."""
+        return self.lm_head(self.hidden_states(input_ids, positions))
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype=torch.float32) -> "TuckerLlama":
+        """Load a Tucker folder, checking every tensor's name and shape against config.json."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        cfg = TuckerModelConfig.from_dict(json.loads((folder / "config.json").read_text()), folder / "config.json")
+        model = cls(cfg, dtype)
+        try:
+            state = load_file(folder / "model.safetensors")
+        except (OSError, SafetensorError) as exc:
+            raise ModelError(f"cannot read {folder / 'model.safetensors'}: {exc}") from None
+        load_checked(model, state, folder)
+        return model.eval()
+
+
+def expected_shapes(cfg: TuckerModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint with this config must hold, with its shape (tied head omitted)."""
+    with torch.device("meta"):
+        model = TuckerLlama(cfg)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
+def checked_tensors(cfg: TuckerModelConfig, tensors, where):
+    """Yield (name, tensor) pairs, failing with one clear line on the first unexpected name or shape
+    and, at the end, on the first missing tensor. A tied LM head's copy is skipped."""
+    want, seen = expected_shapes(cfg), set()
+    for name, tensor in tensors:
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if name not in want:
+            raise ModelError(f"{where}: unexpected tensor {name} in the checkpoint")
+        if tuple(tensor.shape) != want[name]:
+            raise ModelError(
+                f"{where}: tensor {name} has shape {tuple(tensor.shape)}, "
+                f"the ranks in config.json need {want[name]}"
+            )
+        seen.add(name)
+        yield name, tensor
+    missing = sorted(set(want) - seen)
+    if missing:
+        raise ModelError(f"{where}: checkpoint lacks tensor {missing[0]} ({len(missing)} missing)")
+
+
+def load_checked(model: TuckerLlama, state: dict[str, torch.Tensor], where) -> None:
+    """Copy a checked `state` into `model`."""
+    model.load_state_dict(dict(checked_tensors(model.cfg, state.items(), where)), strict=False)

@@ -1,0 +1,1 @@
+"""Attention kernels: PyTorch references (paged) and, where Triton is installed, GPU kernels."""
