@@ -48,3 +48,46 @@ def converted(smollm2, tmp_path_factory):
         return made[kind]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def start_llm():
+    """start_llm(**engine_args) -> vllm.LLM; every engine started is shut down with the module."""
+    from vllm import LLM
+
+    engines = []
+
+    def start(**kwargs):
+        engines.append(LLM(**kwargs))
+        return engines[-1]
+
+    yield start
+    for llm in engines:
+        llm.llm_engine.engine_core.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, proc, timeout: float = 300) -> None:
+    """Poll `url` until it answers 200; fail early if the server process exits."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")

@@ -1,6 +1,7 @@
 """vLLM engine on a tiny random Tucker checkpoint: parity with the PyTorch reference under
 ragged batches, chunked prefill, prefix caching and multi-block contexts; clear load errors."""
 
+import re
 import subprocess
 import sys
 
@@ -20,16 +21,12 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def llm(tiny):
-    from vllm import LLM
-
+def llm(tiny, start_llm):
     # Small blocks and a small token budget per step: contexts span many blocks and long
     # prompts are prefilled in chunks over several steps.
-    engine = LLM(model=str(tiny), skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
-                 block_size=16, max_num_batched_tokens=64, max_model_len=512, max_logprobs=-1,
-                 kv_cache_memory_bytes=8 * 2**20, seed=0)
-    yield engine
-    del engine
+    return start_llm(model=str(tiny), skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
+                     block_size=16, max_num_batched_tokens=64, max_model_len=512, max_logprobs=-1,
+                     kv_cache_memory_bytes=8 * 2**20, seed=0)
 
 
 def prompts(lengths, seed):
@@ -37,12 +34,12 @@ def prompts(lengths, seed):
     return [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
-def run(llm, token_lists, max_tokens=6):
+def run(llm, token_lists, max_tokens=6, prompt_logprobs=True):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=-1, prompt_logprobs=-1,
-                            ignore_eos=True, detokenize=False)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=-1, ignore_eos=True,
+                            prompt_logprobs=-1 if prompt_logprobs else None, detokenize=False)
     return llm.generate([TokensPrompt(prompt_token_ids=p) for p in token_lists], params, use_tqdm=False)
 
 
@@ -51,7 +48,8 @@ def max_logprob_error(reference, prompt, output) -> tuple[float, int]:
     generated = list(output.outputs[0].token_ids)
     with torch.no_grad():
         ref = reference(torch.tensor([prompt + generated])).log_softmax(-1)[0]
-    rows = [(p - 1, output.prompt_logprobs[p]) for p in range(1, len(prompt))]
+    prompt_rows = output.prompt_logprobs or [None] * len(prompt)  # absent when not requested
+    rows = [(p - 1, prompt_rows[p]) for p in range(1, len(prompt)) if prompt_rows[p] is not None]
     rows += [(len(prompt) + j - 1, d) for j, d in enumerate(output.outputs[0].logprobs)]
     worst, entries = 0.0, 0
     for pos, logprobs in rows:
@@ -90,10 +88,12 @@ def test_prefix_cached_prompt_matches_reference(llm, reference):
     shared = prompts([80], seed=3)[0]
     first = shared + prompts([7], seed=4)[0]
     second = shared + prompts([9], seed=5)[0]
-    run(llm, [first])
-    (out,) = run(llm, [second])
-    assert out.num_cached_tokens >= 64  # whole 16-token blocks of the shared prefix were reused
-    worst, _ = max_logprob_error(reference, second, out)
+    run(llm, [first], prompt_logprobs=False)
+    # Prompt log-probs would force a full recomputation: ask for output log-probs only.
+    (out,) = run(llm, [second], prompt_logprobs=False)
+    assert out.num_cached_tokens == 80  # the five 16-token blocks of the shared prefix
+    worst, entries = max_logprob_error(reference, second, out)
+    assert entries == 6 * VOCAB
     assert worst <= LOGPROB_TOL
 
 
@@ -107,7 +107,9 @@ def test_checkpoint_with_wrong_rank_fails_at_load_naming_the_tensor(tiny, tmp_pa
     config["tucker"]["rt3"] = 18
     (bad / "config.json").write_text(json.dumps(config))
     err = start_engine_and_capture_error(bad)
-    assert "tensor model.layers.0.self_attn.v_latent.weight has shape (20, 64)" in err
+    # The first tensor (in file order) whose shape depends on rt3 is named with both shapes.
+    assert re.search(r"tensor model\.layers\.0\.self_attn\.\w+ has shape \(4, 48, 20\), "
+                     r"the ranks in config\.json need \(4, 48, 18\)", err), err[-2000:]
 
 
 def test_checkpoint_without_latent_rope_fails_at_load_naming_the_field(tiny, tmp_path):
