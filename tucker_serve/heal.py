@@ -1,7 +1,10 @@
 """Healing: distil the source model into a converted one, training only the attention factors.
 
-The loss is KL(source || Tucker) over the full vocabulary at every position of random windows of
-calibration text (never the evaluation split). Everything but the Tucker attention maps stays frozen.
+Two phases, both on calibration text (never the evaluation split):
+1. local: each layer's Tucker attention learns to reproduce the source attention's output on the
+   source model's own activations (cached once; cheap, no LM head, layers independent);
+2. global: KL(source || Tucker) over the full vocabulary at every position of random windows,
+   for the rest of the step or time budget, everything but the attention factors frozen.
 """
 
 from __future__ import annotations
@@ -24,15 +27,20 @@ from tucker_serve.sources import TOKENIZER_FILES, ModelError, load_hf_model, loa
 from tucker_serve.text import load_text
 
 TRAINED = ("q_core", "k_latent", "v_latent", "o_core")
+LOCAL_WINDOW = 512
 
 
 @dataclass(frozen=True)
 class HealOptions:
-    steps: int | None = None
-    minutes: float | None = None
-    lr: float = 3e-4
+    steps: int | None = None  # global steps (the local phase comes on top)
+    minutes: float | None = None  # whole budget, local phase included
+    lr: float = 2e-3  # relative: each tensor's step size is lr x its RMS (Adam steps are scale-free)
     seq: int = 256
     batch: int = 4
+    local_steps: int = 60  # per layer, matching each attention's output on cached source activations
+    local_tokens: int = 16384
+    local_lr: float = 1e-2
+    bf16: bool = True  # autocast the global phase to bfloat16 (fp32 master weights)
     text: str = "wiki,news"  # calibration splits, comma-separated
     eval_text: str = "wiki"
     eval_tokens: int = 8192
@@ -41,19 +49,33 @@ class HealOptions:
 
 
 def training_tokens(tokenizer, texts: str, count: int) -> torch.Tensor:
-    """Token ids of the calibration splits, interleaved per corpus so every domain is sampled."""
+    """Token ids of the calibration splits, `count` per corpus, corpora one after the other."""
     parts = [tokenizer(load_text(t.strip(), "calib")[: count * 12], add_special_tokens=False).input_ids[:count]
              for t in texts.split(",")]
     return torch.tensor([i for part in parts for i in part])
 
 
-def trainable(model: TuckerLlama) -> list[torch.nn.Parameter]:
-    params = []
-    for name, p in model.named_parameters():
-        p.requires_grad_(any(f".self_attn.{t}" in name for t in TRAINED))
-        if p.requires_grad:
-            params.append(p)
-    return params
+def attention_params(module) -> list[torch.nn.Parameter]:
+    """The Tucker factors healing trains in one attention module (latent maps and cores)."""
+    return [p for name, p in module.named_parameters() if name.split(".")[0] in TRAINED]
+
+
+def relative_adam(params, lr: float) -> torch.optim.Optimizer:
+    """Adam whose step size per tensor is lr times that tensor's RMS."""
+    groups = [{"params": [p], "lr": lr * p.detach().square().mean().sqrt().item(), "base_lr": None} for p in params]
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return torch.optim.Adam(groups, betas=(0.9, 0.95))
+
+
+def set_schedule(optimizer: torch.optim.Optimizer, progress: float, warmup: float = 0.03) -> None:
+    """Linear warm-up then cosine decay, as a fraction of each group's base rate."""
+    if progress < warmup:
+        scale = progress / warmup
+    else:
+        scale = 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * scale
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -63,10 +85,96 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
     return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
-def cosine_lr(base: float, progress: float, warmup: float = 0.03) -> float:
-    if progress < warmup:
-        return base * (progress / warmup)
-    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
+@torch.no_grad()
+def cache_attention_io(teacher, windows: torch.Tensor):
+    """Per layer, the source attention's inputs and outputs on `windows`: lists of (n, T, d)."""
+    layers = teacher.model.layers
+    inputs, outputs = [[] for _ in layers], [[] for _ in layers]
+
+    def hook(i):
+        def grab(module, args, kwargs, out):
+            inputs[i].append(kwargs["hidden_states"][0].clone())
+            outputs[i].append(out[0][0].clone())
+        return grab
+
+    handles = [layer.self_attn.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for w in windows:
+            teacher(w[None])
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.stack(x) for x in inputs], [torch.stack(y) for y in outputs]
+
+
+def relative_error(attn, x, y, positions) -> float:
+    with torch.no_grad():
+        return ((attn(x, positions) - y).square().sum() / y.square().sum()).item()
+
+
+def heal_layer(attn, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, batch: int = 4) -> tuple[float, float]:
+    """Fit one attention to the source outputs y on inputs x; keep the result only if it helps."""
+    positions = torch.arange(x.shape[1])
+    before = relative_error(attn, x, y, positions)
+    saved = {k: v.clone() for k, v in attn.state_dict().items()}
+    params = attention_params(attn)
+    optimizer = relative_adam(params, lr)
+    for step in range(steps):
+        set_schedule(optimizer, step / steps)
+        pick = torch.randint(0, x.shape[0], (batch,))
+        loss = (attn(x[pick], positions) - y[pick]).square().sum() / y[pick].square().sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    after = relative_error(attn, x, y, positions)
+    if after >= before:
+        attn.load_state_dict(saved)
+        after = before
+    return before, after
+
+
+def local_phase(student: TuckerLlama, teacher, tokens: torch.Tensor, opt: HealOptions, progress: bool):
+    n = min(opt.local_tokens, tokens.numel()) // LOCAL_WINDOW
+    x_all, y_all = cache_attention_io(teacher, tokens[: n * LOCAL_WINDOW].view(n, LOCAL_WINDOW))
+    errors = []
+    for i in tqdm(range(len(x_all)), desc="healing layers", unit="layer", disable=not progress):
+        attn = student.model.layers[i].self_attn
+        errors.append(heal_layer(attn, x_all[i], y_all[i], opt.local_steps, opt.local_lr))
+        x_all[i] = y_all[i] = None  # free as we go
+    return [{"layer": i, "rel_error_before": round(b, 5), "rel_error_after": round(a, 5)}
+            for i, (b, a) in enumerate(errors)]
+
+
+def global_phase(student, teacher, tokens, opt: HealOptions, deadline: float | None, progress: bool):
+    params = [p for block in student.model.layers for p in attention_params(block.self_attn)]
+    optimizer = relative_adam(params, opt.lr)
+    start, step, losses = time.time(), 0, []
+    budget = (deadline - start) if deadline else None
+    bar = tqdm(total=opt.steps if budget is None else int(max(budget, 0)), disable=not progress,
+               desc="healing (KL)", unit="step" if budget is None else "s")
+    student.train()
+    while True:
+        done = step / opt.steps if budget is None else (time.time() - start) / max(budget, 1e-9)
+        if done >= 1:
+            break
+        set_schedule(optimizer, done)
+        starts = torch.randint(0, tokens.numel() - opt.seq, (opt.batch,)).tolist()
+        batch = torch.stack([tokens[s: s + opt.seq] for s in starts])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opt.bf16):
+            with torch.no_grad():
+                target = teacher(batch).logits
+            loss = kl_loss(student(batch), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        losses.append(loss.item())
+        bar.update(1 if budget is None else int(time.time() - start) - bar.n)
+        bar.set_postfix(kl=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+    bar.close()
+    student.eval()
+    return step, losses
 
 
 def heal(model_dir, out_dir, opt: HealOptions, progress: bool = True) -> dict:
@@ -80,47 +188,30 @@ def heal(model_dir, out_dir, opt: HealOptions, progress: bool = True) -> dict:
     source = resolve(opt.source or report["source"])
     torch.manual_seed(opt.seed)
     student = TuckerLlama.from_pretrained(folder.folder)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for block in student.model.layers:
+        for p in attention_params(block.self_attn):
+            p.requires_grad_(True)
     teacher = load_hf_model(source.folder)
     tokenizer = load_tokenizer(folder.folder)
     windows = text_windows(tokenizer, load_text(opt.eval_text, "eval"), opt.eval_tokens, 1024)
     before = perplexity(student, windows, progress=False)
-    params = trainable(student)
-    optimizer = torch.optim.AdamW(params, lr=opt.lr, weight_decay=0.0, betas=(0.9, 0.95))
     tokens = training_tokens(tokenizer, opt.text, 400_000)
-    start, step, losses = time.time(), 0, []
-    budget = opt.steps if opt.steps is not None else opt.minutes * 60
-    bar = tqdm(total=budget if opt.steps else int(budget), desc="healing", disable=not progress,
-               unit="step" if opt.steps else "s")
-    student.train()
-    while True:
-        done = step / opt.steps if opt.steps else (time.time() - start) / budget
-        if done >= 1:
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(opt.lr, done)
-        starts = torch.randint(0, tokens.numel() - opt.seq, (opt.batch,))
-        batch = torch.stack([tokens[s: s + opt.seq] for s in starts.tolist()])
-        with torch.no_grad():
-            target = teacher(batch).logits
-        loss = kl_loss(student(batch), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        step += 1
-        losses.append(loss.item())
-        bar.update(1 if opt.steps else int(time.time() - start) - bar.n)
-        bar.set_postfix(kl=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
-    bar.close()
-    student.eval()
+    start = time.time()
+    deadline = start + opt.minutes * 60 if opt.minutes is not None else None
+    local = local_phase(student, teacher, tokens, opt, progress) if opt.local_steps else []
+    local_minutes = (time.time() - start) / 60
+    steps, losses = global_phase(student, teacher, tokens, opt, deadline, progress)
     minutes = (time.time() - start) / 60
     after = perplexity(student, windows, progress=False)
     report["healing"] = {
-        **{k: v for k, v in asdict(opt).items() if k not in ("source",)},
-        "source": source.spec, "steps_done": step, "minutes_done": round(minutes, 2),
-        "tokens_trained": step * opt.batch * opt.seq, "final_kl": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 5),
+        **{k: v for k, v in asdict(opt).items() if k != "source"},
+        "source": source.spec, "local_minutes": round(local_minutes, 2), "global_steps": steps,
+        "minutes_done": round(minutes, 2), "tokens_trained": steps * opt.batch * opt.seq,
+        "final_kl": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 5),
         "perplexity_before": round(before.perplexity, 4), "perplexity_after": round(after.perplexity, 4),
-        "eval_tokens": after.tokens, "eval_text": opt.eval_text, "trained": list(TRAINED),
+        "eval_tokens": after.tokens, "trained": list(TRAINED), "layers": local,
     }
     save_folder(student, folder.folder, Path(out_dir), report)
     return report
