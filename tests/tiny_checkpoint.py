@@ -1,4 +1,4 @@
-"""A tiny random Tucker checkpoint: dense (non-block) cores, r3 != rt3, biases, untied head.
+"""A tiny random Tucker checkpoint: dense (non-block) cores by default, r3 != rt3, biases, untied head.
 
 It exercises the general Tucker path that converted Llama checkpoints (block cores) do not.
 Its vocabulary is 256 token ids and it has no tokenizer (engines run with skip_tokenizer_init).
@@ -16,7 +16,7 @@ LAYERS, HIDDEN, HEADS, VOCAB = 2, 64, 4, 256
 RANKS = dict(r1=4, r2=32, r3=12, rt1=3, rt2=48, rt3=20)
 
 
-def tiny_config(shared_latent: bool = False) -> dict:
+def tiny_config(shared_latent: bool = False, block_core: bool = False) -> dict:
     ranks = dict(RANKS, rt3=RANKS["r3"]) if shared_latent else RANKS
     freqs = [(default_inv_freq(ranks["r3"], 500.0) * (1 + 0.1 * i)).tolist() for i in range(LAYERS)]
     return {
@@ -25,16 +25,16 @@ def tiny_config(shared_latent: bool = False) -> dict:
         "num_attention_heads": HEADS, "num_key_value_heads": HEADS, "vocab_size": VOCAB,
         "rms_norm_eps": 1e-6, "max_position_embeddings": 1024, "tie_word_embeddings": False,
         "hidden_act": "silu", "bos_token_id": 0, "eos_token_id": 1, "dtype": "float32",
-        "tucker": {**ranks, "block_core": False, "shared_latent": shared_latent, "qkv_bias": True,
+        "tucker": {**ranks, "block_core": block_core, "shared_latent": shared_latent, "qkv_bias": True,
                    "softmax_scale": 0.35, "source_kv_width": 2 * HIDDEN, "latent_rope_freqs": freqs},
     }
 
 
-def write_tiny_checkpoint(folder: Path, seed: int = 0, shared_latent: bool = False) -> Path:
+def write_tiny_checkpoint(folder: Path, seed: int = 0, shared_latent: bool = False, block_core: bool = False) -> Path:
     """Random weights scaled so that logits vary by a few nats; returns the folder."""
     from safetensors.torch import save_file
 
-    config = tiny_config(shared_latent)
+    config = tiny_config(shared_latent, block_core)
     torch.manual_seed(seed)
     model = TuckerLlama(TuckerModelConfig.from_dict(config))
     state = {}

@@ -5,14 +5,15 @@ so it only adds what is not registered yet.
 """
 
 ARCH = "TuckerLlamaForCausalLM"
-BACKEND = "TUCKER"
+BACKENDS = {"TUCKER": "TuckerAttentionBackend", "TUCKER_SHARED": "TuckerSharedLatentBackend"}
 
 
 def register() -> None:
     from vllm import ModelRegistry
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    if BACKEND not in AttentionBackendEnum.__members__:
-        AttentionBackendEnum.register(BACKEND, "tucker_vllm.backend.TuckerAttentionBackend")
+    for name, cls in BACKENDS.items():
+        if name not in AttentionBackendEnum.__members__:
+            AttentionBackendEnum.register(name, f"tucker_vllm.backend.{cls}")
     if ARCH not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCH, "tucker_vllm.model:TuckerLlamaForCausalLM")

@@ -1,13 +1,16 @@
 """TUCKER attention backend for vLLM: one latent per token per layer in vLLM's paged cache.
 
 vLLM hands each layer kv_cache (num_blocks, 1, block_size, r3 + rt3): the rotated latent key then
-the latent value of every token, shared by all query heads. `forward` dispatches once per platform:
-CPU runs the vectorised PyTorch ops of `tucker_serve.ops.paged`.
+the latent value of every token, shared by all query heads. In shared-latent mode the cache holds
+only the unrotated latent (r3): keys are rotated from their positions when read.
+`forward` dispatches once per platform: CPU runs the vectorised PyTorch ops of
+`tucker_serve.ops.paged`; CUDA runs the Triton paged decode kernel and vLLM's flash-attention for
+prefills (see `tucker_vllm.gpu`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -24,6 +27,7 @@ from vllm.v1.kv_cache_interface import KVCacheLayout
 from tucker_serve.ops.paged import paged_attention, write_latent_cache
 
 BACKEND_NAME = "TUCKER"
+SHARED_BACKEND_NAME = "TUCKER_SHARED"
 
 
 @dataclass
@@ -57,7 +61,8 @@ class TuckerAttentionImpl(AttentionImpl[TuckerMetadata]):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
                  alibi_slopes=None, sliding_window=None, kv_cache_dtype: str = "auto",
                  logits_soft_cap=None, attn_type: str = AttentionType.DECODER,
-                 kv_sharing_target_layer_name: str | None = None, **extra) -> None:
+                 kv_sharing_target_layer_name: str | None = None, latent_freqs: torch.Tensor | None = None,
+                 **extra) -> None:
         if num_kv_heads not in (None, 1):
             raise ValueError(f"the TUCKER backend caches one latent per token, got num_kv_heads={num_kv_heads}")
         unsupported = {"alibi_slopes": alibi_slopes, "sliding_window": sliding_window,
@@ -71,13 +76,15 @@ class TuckerAttentionImpl(AttentionImpl[TuckerMetadata]):
             raise ValueError(f"the TUCKER backend does not support kv_cache_dtype={kv_cache_dtype}")
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads, self.kv_cache_dtype = 1, kv_cache_dtype
+        self.latent_freqs = latent_freqs  # shared-latent mode: rotate cached keys at read time
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         if kv_cache.numel() == 0:
             return
         n = slot_mapping.shape[0]
-        write_latent_cache(kv_cache, key[:n, 0], value[:n, 0], slot_mapping)
+        value = None if self.latent_freqs is not None else value[:n, 0]
+        write_latent_cache(kv_cache, key[:n, 0], value, slot_mapping)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: TuckerMetadata | None, output: torch.Tensor,
@@ -87,8 +94,16 @@ class TuckerAttentionImpl(AttentionImpl[TuckerMetadata]):
         if attn_metadata is None:  # memory profiling: no cache, no metadata
             return output
         n, m = attn_metadata.num_actual_tokens, attn_metadata
-        paged_attention(query[:n], kv_cache, m.query_start_loc, m.seq_lens, m.block_table,
-                        self.scale, output[:n])
+        freqs = self.latent_freqs
+        if freqs is not None and freqs.device != query.device:
+            freqs = self.latent_freqs = freqs.to(query.device)
+        if query.is_cuda:
+            from tucker_vllm.gpu import gpu_attention
+
+            gpu_attention(query[:n], kv_cache, m, self.scale, output[:n], freqs)
+        else:
+            paged_attention(query[:n], kv_cache, m.query_start_loc, m.seq_lens, m.block_table,
+                            self.scale, output[:n], freqs)
         return output
 
 
@@ -116,3 +131,16 @@ class TuckerAttentionBackend(AttentionBackend):
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
         return (KVCacheLayout.LBHNC,)
+
+
+class TuckerSharedLatentBackend(TuckerAttentionBackend):
+    """Shared-latent mode: one unrotated latent (r3 numbers) per token is both key and value."""
+
+    @staticmethod
+    def get_name() -> str:
+        return SHARED_BACKEND_NAME
+
+    @classmethod
+    def customize_spec(cls, spec):
+        # The layer outputs r3 values per head, but the cache stores no separate value.
+        return replace(spec, head_size_v=0)

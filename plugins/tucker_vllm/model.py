@@ -31,7 +31,7 @@ from vllm.sequence import IntermediateTensors
 
 from tucker_serve.model import TuckerModelConfig, checked_tensors
 from tucker_serve.rope import apply_rope, rope_cos_sin
-from tucker_vllm.backend import TuckerAttentionBackend
+from tucker_vllm.backend import TuckerAttentionBackend, TuckerSharedLatentBackend
 
 
 def head_shards(num_heads: int) -> tuple[int, int]:
@@ -77,10 +77,12 @@ class TuckerLlamaAttention(nn.Module):
             c.hidden_size, c.rt3, bias=bias, prefix=f"{prefix}.v_latent")
         freqs = torch.tensor(cfg.latent_rope_freqs[layer], dtype=torch.float64)
         self.register_buffer("latent_freqs", freqs, persistent=False)
+        backend_args = {"attn_backend": TuckerSharedLatentBackend, "latent_freqs": freqs} if self.shared else {
+            "attn_backend": TuckerAttentionBackend}
         self.attn = Attention(
             num_heads=self.heads, head_size=c.r3, scale=cfg.softmax_scale, num_kv_heads=1,
             head_size_v=c.rt3, cache_config=cache_config, quant_config=quant_config,
-            prefix=f"{prefix}.attn", attn_backend=TuckerAttentionBackend,
+            prefix=f"{prefix}.attn", **backend_args,
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -89,11 +91,13 @@ class TuckerLlamaAttention(nn.Module):
             q = torch.einsum("thr,hrs->ths", qs.unflatten(-1, (self.heads, -1)), self.q_core)
         else:
             q = torch.einsum("tr,hrs->ths", qs, self.q_core)  # (T, H_local, r3)
-        k, _ = self.k_latent(hidden)  # (T, r3)
-        v = k if self.v_latent is None else self.v_latent(hidden)[0]
+        latent, _ = self.k_latent(hidden)  # (T, r3)
         cos, sin = rope_cos_sin(self.latent_freqs, positions)  # (T, r3/2)
         q = apply_rope(q, cos[:, None], sin[:, None])
-        k = apply_rope(k, cos, sin)
+        if self.shared:  # the backend caches the unrotated latent and rotates keys when reading
+            k = v = latent
+        else:
+            k, v = apply_rope(latent, cos, sin), self.v_latent(hidden)[0]
         y = self.attn(q.flatten(1), k, v).unflatten(-1, (self.heads, self.rt3))  # (T, H_local, rt3)
         if self.block_core:
             z = torch.einsum("ths,hos->tho", y, self.o_core).flatten(1)  # (T, rt2 / tp)
