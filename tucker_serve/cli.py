@@ -82,15 +82,34 @@ def cmd_heal(args: argparse.Namespace) -> int:
     return 0
 
 
+def flag(text: str) -> bool:
+    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(text)
+    return text.lower() in ("1", "true", "yes")
+
+
+# serve options that may also come from TUCKER_<NAME> environment variables (containers)
+SERVE_ENV = {"model": str, "kv_ratio": float, "host": str, "port": int, "api_key": str, "max_model_len": int,
+             "kv_cache_gb": float, "dtype": str, "max_num_seqs": int, "served_model_name": str, "log_level": str,
+             "metrics_need_key": flag}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
     from tucker_server.serve import ServeOptions, run
 
-    fields = ("model", "kv_ratio", "host", "port", "metrics_need_key", "max_model_len", "kv_cache_gb", "dtype",
-              "max_num_seqs", "served_model_name", "log_level")
-    given = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
-    return run(ServeOptions(**given, api_key=args.api_key or os.environ.get("TUCKER_API_KEY")))
+    given = {}
+    for name, kind in SERVE_ENV.items():
+        value, env = getattr(args, name), os.environ.get(f"TUCKER_{name.upper()}")
+        if value is None and env:
+            try:
+                value = kind(env)
+            except ValueError:
+                raise ValueError(f"TUCKER_{name.upper()}={env!r} is not a valid {kind.__name__}") from None
+        if value is not None:
+            given[name] = value
+    return run(ServeOptions(**given))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,12 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     heal.add_argument("--source", help="source model (default: the one recorded at conversion)")
     heal.set_defaults(func=cmd_heal)
 
-    serve = sub.add_parser("serve", help="serve a model over the OpenAI API (default: SmolLM2-135M, Tucker)")
+    serve = sub.add_parser("serve", help="serve a model over the OpenAI API (default: SmolLM2-135M, Tucker)",
+                           epilog="Every option can also be set as TUCKER_<OPTION> (e.g. TUCKER_API_KEY).")
     serve.add_argument("--model", help=MODEL_HELP + "; default: smollm2-135m converted (cached)")
     serve.add_argument("--kv-ratio", type=float, help="convert a source model at this ratio first (cached)")
     serve.add_argument("--host", help="default 127.0.0.1")
     serve.add_argument("--port", type=int, help="default 8000")
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set TUCKER_API_KEY)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
     serve.add_argument("--metrics-need-key", action="store_true", default=None, help="put /metrics behind the key")
     serve.add_argument("--max-model-len", type=int, help="context length in tokens (default 2048)")
     serve.add_argument("--kv-cache-gb", type=float, help="KV-cache size in GiB (default 1)")
