@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import time
 
@@ -21,8 +22,9 @@ OPEN_PATHS = {"/health"}
 MAX_BODY_BYTES = 4 * 2**20
 
 
-def create_app(engine, metrics: Metrics, api_key: str | None = None, metrics_need_key: bool = False) -> FastAPI:
-    """An app serving `engine` (an EngineClient); `api_key` protects every route but /health."""
+def create_app(engine, metrics: Metrics, api_key: str | None = None, metrics_need_key: bool = False):
+    """An ASGI app serving `engine` (an EngineClient); `api_key` protects every route but /health
+    (and /metrics unless `metrics_need_key`)."""
     app = FastAPI(title="tucker-serve", version="0.1.0")
     app.state.engine, app.state.metrics, app.state.started = engine, metrics, int(time.time())
     app.include_router(router)
@@ -33,12 +35,8 @@ def create_app(engine, metrics: Metrics, api_key: str | None = None, metrics_nee
         if api_key is not None and request.url.path not in open_paths and not key_ok(request, api_key):
             return error(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
                          code="invalid_api_key")
-        if request.method == "POST":
-            size = request.headers.get("content-length")
-            if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
-                return error(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
-            if not request.headers.get("content-type", "").startswith("application/json"):
-                return error(415, "Content-Type must be application/json", code="unsupported_media_type")
+        if request.method == "POST" and not request.headers.get("content-type", "").startswith("application/json"):
+            return error(415, "Content-Type must be application/json", code="unsupported_media_type")
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
@@ -69,7 +67,50 @@ def create_app(engine, metrics: Metrics, api_key: str | None = None, metrics_nee
         log.exception("internal error on %s", request.url.path)
         return error(500, "The server had an error while processing your request.", type_="server_error")
 
-    return app
+    return BodyLimit(app, MAX_BODY_BYTES)
+
+
+class BodyLimit:
+    """ASGI wrapper: a request body over `limit` bytes is answered 413 before the app sees it,
+    whether announced by Content-Length or streamed in chunks."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+        self.state = app.state  # the FastAPI app's state, for callers holding the wrapper
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.limit:
+            return await self.reject(send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self.reject(send)
+            if not message.get("more_body"):
+                break
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for the disconnect like a normal request
+
+        return await self.app(scope, replay, send)
+
+    async def reject(self, send) -> None:
+        payload = json.dumps(error_body(f"request body larger than {self.limit} bytes", code="request_too_large"))
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": payload.encode()})
 
 
 def key_ok(request: Request, api_key: str) -> bool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,8 +67,12 @@ def run(opt: ServeOptions) -> int:
         dtype=opt.dtype, max_num_seqs=opt.max_num_seqs), metrics)
     app = create_app(engine, metrics, opt.api_key, opt.metrics_need_key)
     logging.getLogger("tucker_server").info("serving %s (%s) on http://%s:%d", name, folder, opt.host, opt.port)
+    # uvicorn drains in-flight requests on SIGTERM/SIGINT, then re-raises the signal against the
+    # handlers it found: make those end the process with status 0 after our engine shutdown.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(0))
     try:
-        # access_log off: request lines carry no prompt text, but keep logs quiet by default
+        # no access log: the server never logs request bodies, and keeps request lines out by default
         uvicorn.run(app, host=opt.host, port=opt.port, log_level=opt.log_level, access_log=False,
                     timeout_graceful_shutdown=30)
     finally:

@@ -1,0 +1,203 @@
+"""Hardening against a real server on 127.0.0.1 with a deliberately small KV cache: load, faults,
+fuzzing from the OpenAPI schema, bad bodies, security. Loops are bounded in count and time."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+
+from conftest import free_port, wait_for_http
+
+pytestmark = [pytest.mark.server, pytest.mark.vllm, pytest.mark.slow]
+KEY = "hardening-key"
+NAME = "tucker-hard"
+MARKER = "zebra-quartz-marker-7731"  # prompt text that must never reach the logs
+
+
+@pytest.fixture(scope="module")
+def server(converted, tmp_path_factory):
+    folder = converted(2.0)
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("hardening") / "server.log"
+    # 0.02 GiB holds about 900 tokens in 128-token blocks: long prompts exhaust it.
+    cmd = [sys.executable, "-m", "tucker_serve.cli", "serve", "--model", str(folder), "--port", str(port),
+           "--max-model-len", "256", "--kv-cache-gb", "0.02", "--max-num-seqs", "8", "--served-model-name", NAME]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TUCKER_API_KEY": KEY})
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc)
+        yield {"port": port, "proc": proc, "log": log_path, "url": f"http://127.0.0.1:{port}"}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+        log.close()
+
+
+HEADERS = {"Authorization": f"Bearer {KEY}"}
+
+
+def memory(server) -> dict:
+    return httpx.get(f"{server['url']}/v1/memory", headers=HEADERS, timeout=10).json()
+
+
+def wait_idle(server, seconds: float = 60) -> dict:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        doc = memory(server)
+        if doc["blocks_used"] == 0 and doc["usage"] == 0:
+            return doc
+        time.sleep(0.5)
+    return memory(server)
+
+
+async def stream_completion(client: httpx.AsyncClient, server, prompt: str, max_tokens: int) -> dict:
+    body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0.8,
+            "seed": 1, "logprobs": 0, "stream_options": {"include_usage": True}}
+    tokens, done, usage, statuses = 0, False, None, []
+    async with client.stream("POST", f"{server['url']}/v1/completions", json=body, headers=HEADERS) as r:
+        statuses.append(r.status_code)
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage = event["usage"]
+            for choice in event["choices"]:
+                tokens += len(choice["logprobs"]["tokens"]) if choice.get("logprobs") else 0
+    return {"status": statuses[0], "done": done, "tokens": tokens, "usage": usage}
+
+
+def test_64_concurrent_streams_all_finish_and_free_the_cache(server):
+    prompts = [("word " * (4 + 7 * (i % 9))).strip() for i in range(64)]
+    budgets = [8 + 5 * (i % 7) for i in range(64)]
+
+    async def main():
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*(stream_completion(client, server, p, m) for p, m in zip(prompts, budgets)))
+
+    started = time.time()
+    results = asyncio.run(main())
+    assert time.time() - started < 600
+    assert [r["status"] for r in results] == [200] * 64
+    assert all(r["done"] for r in results)
+    assert all(r["usage"]["completion_tokens"] == r["tokens"] for r in results)
+    assert all(1 <= r["tokens"] <= m for r, m in zip(results, budgets))
+    idle = wait_idle(server)
+    assert idle["blocks_used"] == 0 and idle["usage"] == 0
+
+
+def test_long_prompts_exhausting_the_cache_are_queued_not_failed(server):
+    prompt = " ".join(f"w{i}" for i in range(60))  # 170 tokens (+40 generated): two 128-token blocks each
+
+    async def main():
+        async with httpx.AsyncClient(timeout=300) as client:
+            calls = [client.post(f"{server['url']}/v1/completions", headers=HEADERS,
+                                 json={"model": NAME, "prompt": prompt, "max_tokens": 40, "temperature": 0})
+                     for _ in range(10)]
+            return await asyncio.gather(*calls)
+
+    responses = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200] * 10
+    assert all(r.json()["usage"]["completion_tokens"] >= 1 for r in responses)
+    assert wait_idle(server)["blocks_used"] == 0
+
+
+def test_request_cancelled_while_queued_is_dropped_and_others_finish(server):
+    async def main():
+        async with httpx.AsyncClient(timeout=300) as client:
+            busy = [asyncio.create_task(stream_completion(client, server, "count to fifty:", 60)) for _ in range(12)]
+            await asyncio.sleep(0.5)  # 8 run, the rest wait in the engine's queue
+            queued = asyncio.create_task(stream_completion(client, server, "this one is cancelled", 60))
+            await asyncio.sleep(0.5)
+            queued.cancel()
+            try:
+                await queued
+            except asyncio.CancelledError:
+                pass
+            return await asyncio.gather(*busy)
+
+    results = asyncio.run(main())
+    assert all(r["status"] == 200 and r["done"] for r in results)
+    assert wait_idle(server)["blocks_used"] == 0
+
+
+def test_oversized_and_malformed_bodies_are_4xx(server):
+    url = f"{server['url']}/v1/completions"
+    big = json.dumps({"model": NAME, "prompt": "x" * (5 * 2**20)}).encode()
+    assert httpx.post(url, content=big, headers={**HEADERS, "Content-Type": "application/json"}).status_code == 413
+
+    def chunks():
+        for _ in range(6):
+            yield b"a" * 2**20
+
+    chunked = httpx.post(url, content=chunks(), headers={**HEADERS, "Content-Type": "application/json"})
+    assert chunked.status_code == 413
+    bad_utf8 = httpx.post(url, content=b'{"model": "\xff\xfe", "prompt": "x"}',
+                          headers={**HEADERS, "Content-Type": "application/json"})
+    assert bad_utf8.status_code == 400 and "error" in bad_utf8.json()
+    form = httpx.post(url, data={"model": NAME, "prompt": "x"}, headers=HEADERS)
+    assert form.status_code == 415
+    text = httpx.post(url, content=b"hello", headers={**HEADERS, "Content-Type": "text/plain"})
+    assert text.status_code == 415
+
+
+def test_api_key_guards_every_route_but_health_and_metrics(server):
+    app_routes = httpx.get(f"{server['url']}/openapi.json", headers=HEADERS).json()["paths"]
+    for path, methods in app_routes.items():
+        concrete = path.replace("{model}", NAME)
+        for method in methods:
+            response = httpx.request(method.upper(), f"{server['url']}{concrete}", timeout=30,
+                                     headers={"Content-Type": "application/json"}, content=b"{}")
+            expected = {200} if path in ("/health", "/metrics") else {401}
+            assert response.status_code in expected, (method, path, response.status_code)
+    assert httpx.get(f"{server['url']}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{server['url']}/v1/models", headers={"Authorization": KEY}).status_code == 401
+
+
+def test_prompt_text_is_not_logged(server):
+    r = httpx.post(f"{server['url']}/v1/completions", headers=HEADERS, timeout=60,
+                   json={"model": NAME, "prompt": f"Remember {MARKER}", "max_tokens": 2})
+    assert r.status_code == 200
+    time.sleep(1)
+    assert MARKER not in server["log"].read_text()
+
+
+def test_fuzzed_requests_never_get_a_5xx(server):
+    """Valid and invalid requests generated from the server's OpenAPI schema (bounded examples)."""
+    schema = schemathesis.openapi.from_url(f"{server['url']}/openapi.json", headers=HEADERS)
+    for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+
+        @given(case=schema.as_strategy(mode))
+        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+                  database=None)
+        def check(case):
+            response = case.call(headers=HEADERS, timeout=120)
+            assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:300])
+
+        check()
+
+
+def test_sigterm_lets_in_flight_streams_finish_and_exits_0(server):
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as client:
+            tasks = [asyncio.create_task(stream_completion(client, server, f"story {i}:", 30)) for i in range(3)]
+            await asyncio.sleep(1.0)
+            server["proc"].send_signal(signal.SIGTERM)
+            return await asyncio.gather(*tasks)
+
+    results = asyncio.run(main())
+    assert all(r["status"] == 200 and r["done"] for r in results)
+    assert all(r["usage"]["completion_tokens"] == r["tokens"] for r in results)
+    assert server["proc"].wait(timeout=120) == 0
