@@ -82,6 +82,24 @@ def cmd_heal(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tucker_server.bench import BenchOptions, run
+
+    given = {"model": args.model, "out": Path(args.out), "serving": args.serving}
+    for name in ("kv_ratios", "contexts", "batch_sizes"):
+        if getattr(args, name):
+            kind = float if name == "kv_ratios" else int
+            given[name] = tuple(kind(x) for x in getattr(args, name).split(","))
+    if args.kv_cache_gb is not None:
+        given["kv_cache_gb"] = args.kv_cache_gb
+    opt = BenchOptions.quick(**given) if args.quick else BenchOptions(**given)
+    run(opt)
+    print((opt.out / "results.md").read_text())
+    return 0
+
+
 def flag(text: str) -> bool:
     if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
         raise ValueError(text)
@@ -160,6 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     heal.add_argument("--text", help="calibration texts, comma-separated (default wiki,news)")
     heal.add_argument("--source", help="source model (default: the one recorded at conversion)")
     heal.set_defaults(func=cmd_heal)
+
+    bench = sub.add_parser("bench", help="KV memory, decode speed and quality: source vs Tucker conversions")
+    bench.add_argument("--model", default="smollm2-135m", help="the source model (" + MODEL_HELP + ")")
+    bench.add_argument("--kv-ratios", help="comma-separated, 1 = full-rank Tucker (default 1,2,3,4)")
+    bench.add_argument("--contexts", help="prompt tokens, comma-separated (default 256,1024,4096)")
+    bench.add_argument("--batch-sizes", help="concurrent requests, comma-separated (default 1,8,32)")
+    bench.add_argument("--kv-cache-gb", type=float, help="cache budget for every engine (default 4)")
+    bench.add_argument("--out", required=True, help="folder for results.json, results.md and plots")
+    bench.add_argument("--quick", action="store_true", help="a small grid (minutes), for a smoke run")
+    bench.add_argument("--serving", action="store_true",
+                       help="also load the HTTP server with concurrent streaming clients (source vs last ratio)")
+    bench.set_defaults(func=cmd_bench)
 
     serve = sub.add_parser("serve", help="serve a model over the OpenAI API (default: SmolLM2-135M, Tucker)",
                            epilog="Every option can also be set as TUCKER_<OPTION> (e.g. TUCKER_API_KEY).")

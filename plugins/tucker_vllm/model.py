@@ -1,36 +1,34 @@
 """TuckerLlamaForCausalLM for vLLM: Llama blocks whose attention caches one latent per token.
 
-Per layer: shared query projection (U2), per-head cores (B_h) to latent queries, latent key (U3)
-and value (Ut3) projections, latent RoPE with the checkpoint's per-pair frequencies, attention by
-the TUCKER backend, per-head output cores (Bt_h) and the output fold (Ut2). Query heads and the
-output fold are sharded over tensor-parallel ranks; the latent projections and cache are replicated.
+Per layer: latent queries per head (U2 B_h), the latent key (U3) and value (Ut3), latent RoPE with
+the checkpoint's per-pair frequencies, attention by the TUCKER backend, and the output map
+(Bt_h then Ut2). The factors are folded at load time into one QKV projection with a single KV head
+and one output projection. Query heads and the output are sharded over tensor-parallel ranks; the
+latent key/value projections and the latent cache are replicated on every rank.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+from vllm import _custom_ops as ops
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
-from vllm.distributed import (
-    get_tensor_model_parallel_rank,
-    get_tensor_model_parallel_world_size,
-    tensor_model_parallel_all_reduce,
-)
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.llama import LlamaMLP
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, make_layers, maybe_prefix
-from vllm.model_executor.utils import set_weight_attrs
 from vllm.sequence import IntermediateTensors
 
 from tucker_serve.model import TuckerModelConfig, checked_tensors
-from tucker_serve.rope import apply_rope, rope_cos_sin
+from tucker_serve.rope import rope_cos_sin
 from tucker_vllm.backend import TuckerAttentionBackend, TuckerSharedLatentBackend
 
 
@@ -43,40 +41,74 @@ def head_shards(num_heads: int) -> tuple[int, int]:
     return local, get_tensor_model_parallel_rank() * local
 
 
-def sharded_core(num_heads: int, first: int, shape: tuple[int, ...]) -> nn.Parameter:
-    """A per-head core parameter (local heads, ...) that loads its slice of the full tensor."""
-    param = nn.Parameter(torch.empty(num_heads, *shape), requires_grad=False)
+class Factors(nn.Module):
+    """The checkpoint's Tucker factors of one layer, held only until `fold` packs them."""
 
-    def load(p: nn.Parameter, full: torch.Tensor) -> None:
-        p.data.copy_(full.narrow(0, first, num_heads))
+    def __init__(self, cfg: TuckerModelConfig) -> None:
+        super().__init__()
+        c, block = cfg.attention, cfg.block_core
+        q_in = c.r2 // c.num_heads if block else c.r2
+        o_out = c.rt2 // c.num_heads if block else c.rt2
+        param = lambda *shape: nn.Parameter(torch.empty(*shape), requires_grad=False)
+        self.q_shared, self.k_latent, self.o_shared = nn.Module(), nn.Module(), nn.Module()
+        self.q_shared.weight, self.k_latent.weight = param(c.r2, c.hidden_size), param(c.r3, c.hidden_size)
+        self.o_shared.weight = param(c.hidden_size, c.rt2)
+        self.q_core, self.o_core = param(c.num_heads, q_in, c.r3), param(c.num_heads, o_out, c.rt3)
+        if not c.shared_latent:
+            self.v_latent = nn.Module()
+            self.v_latent.weight = param(c.rt3, c.hidden_size)
+        if cfg.qkv_bias:
+            self.q_shared.bias, self.k_latent.bias = param(c.r2), param(c.r3)
+            if not c.shared_latent:
+                self.v_latent.bias = param(c.rt3)
 
-    set_weight_attrs(param, {"weight_loader": load})
-    return param
+
+def fold_query(f: Factors, block: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-head latent query maps U2 B_h stacked: weight (H * r3, d) and bias (H * r3,)."""
+    heads, q_in, _ = f.q_core.shape
+    core, u2 = f.q_core.float(), f.q_shared.weight.float()
+    if block:  # head h reads only its own slice of the shared projection
+        weight = torch.einsum("hid,hir->hrd", u2.view(heads, q_in, -1), core)
+    else:
+        weight = torch.einsum("id,hir->hrd", u2, core)
+    bias = getattr(f.q_shared, "bias", None)
+    if bias is not None:
+        bias = torch.einsum("hi,hir->hr", bias.float().view(heads, -1), core) if block else \
+            torch.einsum("i,hir->hr", bias.float(), core)
+        bias = bias.flatten()
+    return weight.flatten(0, 1), bias
+
+
+def fold_output(f: Factors, block: bool) -> torch.Tensor:
+    """Per-head output maps Ut2 Bt_h side by side: weight (d, H * rt3)."""
+    heads = f.o_core.shape[0]
+    ut2, core = f.o_shared.weight.float(), f.o_core.float()
+    if block:
+        return torch.einsum("dho,hos->dhs", ut2.view(ut2.shape[0], heads, -1), core).flatten(1)
+    return torch.einsum("do,hos->dhs", ut2, core).flatten(1)
 
 
 class TuckerLlamaAttention(nn.Module):
-    def __init__(self, cfg: TuckerModelConfig, layer: int, cache_config, quant_config, prefix: str) -> None:
+    """Serves a Tucker layer as MQA over the latent: at load time the shared query projection and
+    the per-head cores fold into one per-head latent query map (a QKV projection with one KV head
+    of widths r3 and rt3) and the output cores and fold into one output projection."""
+
+    def __init__(self, cfg: TuckerModelConfig, layer: int, max_positions: int, cache_config, quant_config,
+                 prefix: str) -> None:
         super().__init__()
         c = cfg.attention
-        self.heads, first = head_shards(c.num_heads)
-        self.block_core, self.r3, self.rt3 = cfg.block_core, c.r3, c.rt3
-        self.shared = c.shared_latent
-        q_in = c.r2 // c.num_heads if cfg.block_core else c.r2
-        o_out = c.rt2 // c.num_heads if cfg.block_core else c.rt2
-        bias = cfg.qkv_bias
-        if cfg.block_core:  # head h owns its r2/H slice: shard the projection with the heads
-            self.q_shared = ColumnParallelLinear(c.hidden_size, c.r2, bias=bias, prefix=f"{prefix}.q_shared")
-            self.o_shared = RowParallelLinear(c.rt2, c.hidden_size, bias=False, prefix=f"{prefix}.o_shared")
-        else:
-            self.q_shared = ReplicatedLinear(c.hidden_size, c.r2, bias=bias, prefix=f"{prefix}.q_shared")
-            self.o_shared = ReplicatedLinear(c.rt2, c.hidden_size, bias=False, prefix=f"{prefix}.o_shared")
-        self.q_core = sharded_core(self.heads, first, (q_in, c.r3))
-        self.o_core = sharded_core(self.heads, first, (o_out, c.rt3))
-        self.k_latent = ReplicatedLinear(c.hidden_size, c.r3, bias=bias, prefix=f"{prefix}.k_latent")
-        self.v_latent = None if self.shared else ReplicatedLinear(
-            c.hidden_size, c.rt3, bias=bias, prefix=f"{prefix}.v_latent")
+        self.heads, _ = head_shards(c.num_heads)
+        self.block_core, self.r3, self.rt3, self.shared = cfg.block_core, c.r3, c.rt3, c.shared_latent
+        self.factors = Factors(cfg)
+        # With one KV head and tp > 1, vLLM replicates the latent key/value on every rank (as for MLA).
+        self.qkv_proj = QKVParallelLinear(c.hidden_size, c.r3, c.num_heads, 1, bias=cfg.qkv_bias,
+                                          v_head_size=c.rt3, prefix=f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(c.num_heads * c.rt3, c.hidden_size, bias=False, prefix=f"{prefix}.o_proj")
         freqs = torch.tensor(cfg.latent_rope_freqs[layer], dtype=torch.float64)
-        self.register_buffer("latent_freqs", freqs, persistent=False)
+        # vLLM's rotary op with this layer's own table: cat(cos, sin) per position, computed in
+        # float64 (as the reference does) and stored in float32
+        cos, sin = rope_cos_sin(freqs, torch.arange(max_positions))
+        self.register_buffer("cos_sin", torch.cat((cos, sin), -1).float(), persistent=False)
         backend_args = {"attn_backend": TuckerSharedLatentBackend, "latent_freqs": freqs} if self.shared else {
             "attn_backend": TuckerAttentionBackend}
         self.attn = Attention(
@@ -85,33 +117,41 @@ class TuckerLlamaAttention(nn.Module):
             prefix=f"{prefix}.attn", **backend_args,
         )
 
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Pack the loaded factors into qkv_proj and o_proj (each rank takes its heads), then drop them."""
+        f = self.factors
+        q_weight, q_bias = fold_query(f, self.block_core)
+        v_src = f.k_latent if self.shared else f.v_latent  # shared latent: the value is the key latent
+        load = lambda param, tensor, shard: param.weight_loader(param, tensor.to(param.dtype), shard)
+        load(self.qkv_proj.weight, q_weight, "q")
+        load(self.qkv_proj.weight, f.k_latent.weight, "k")
+        load(self.qkv_proj.weight, v_src.weight, "v")
+        if q_bias is not None:
+            load(self.qkv_proj.bias, q_bias, "q")
+            load(self.qkv_proj.bias, f.k_latent.bias, "k")
+            load(self.qkv_proj.bias, v_src.bias, "v")
+        out = fold_output(f, self.block_core).to(self.o_proj.weight.dtype)
+        self.o_proj.weight.weight_loader(self.o_proj.weight, out)
+        del self.factors
+
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        qs, _ = self.q_shared(hidden)  # (T, r2 / tp) or (T, r2)
-        if self.block_core:
-            q = torch.einsum("thr,hrs->ths", qs.unflatten(-1, (self.heads, -1)), self.q_core)
-        else:
-            q = torch.einsum("tr,hrs->ths", qs, self.q_core)  # (T, H_local, r3)
-        latent, _ = self.k_latent(hidden)  # (T, r3)
-        cos, sin = rope_cos_sin(self.latent_freqs, positions)  # (T, r3/2)
-        q = apply_rope(q, cos[:, None], sin[:, None])
-        if self.shared:  # the backend caches the unrotated latent and rotates keys when reading
-            k = v = latent
-        else:
-            k, v = apply_rope(latent, cos, sin), self.v_latent(hidden)[0]
-        y = self.attn(q.flatten(1), k, v).unflatten(-1, (self.heads, self.rt3))  # (T, H_local, rt3)
-        if self.block_core:
-            z = torch.einsum("ths,hos->tho", y, self.o_core).flatten(1)  # (T, rt2 / tp)
-            return self.o_shared(z)[0]
-        out = self.o_shared(torch.einsum("ths,hos->to", y, self.o_core))[0]
-        return tensor_model_parallel_all_reduce(out) if get_tensor_model_parallel_world_size() > 1 else out
+        qkv, _ = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.heads * self.r3, self.r3, self.rt3], dim=-1)
+        if self.cos_sin.dtype != q.dtype:
+            self.cos_sin = self.cos_sin.to(q.dtype)
+        # rotate-half latent RoPE in place; shared latent: the key stays unrotated (rotated when read)
+        ops.rotary_embedding(positions, q, None if self.shared else k, self.r3, self.cos_sin, True)
+        out, _ = self.o_proj(self.attn(q, k, k if self.shared else v))
+        return out
 
 
 class TuckerDecoderLayer(nn.Module):
     def __init__(self, cfg: TuckerModelConfig, vllm_config: VllmConfig, prefix: str) -> None:
         super().__init__()
         layer = int(prefix.rsplit(".", 1)[-1])
-        self.self_attn = TuckerLlamaAttention(cfg, layer, vllm_config.cache_config,
-                                              vllm_config.quant_config, f"{prefix}.self_attn")
+        self.self_attn = TuckerLlamaAttention(cfg, layer, vllm_config.model_config.max_model_len,
+                                              vllm_config.cache_config, vllm_config.quant_config, f"{prefix}.self_attn")
         self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size, "silu",
                             quant_config=vllm_config.quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
@@ -158,8 +198,11 @@ def tucker_config(vllm_config: VllmConfig) -> TuckerModelConfig:
 
 
 class TuckerLlamaForCausalLM(nn.Module):
-    hf_to_vllm_mapper = WeightsMapper(orig_to_new_stacked={
-        ".gate_proj": (".gate_up_proj", 0), ".up_proj": (".gate_up_proj", 1)})
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_stacked={".gate_proj": (".gate_up_proj", 0), ".up_proj": (".gate_up_proj", 1)},
+        orig_to_new_regex={re.compile(r"\.self_attn\.(q_shared|q_core|k_latent|v_latent|o_core|o_shared)"):
+                           r".self_attn.factors.\1"},
+    )
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
@@ -181,6 +224,11 @@ class TuckerLlamaForCausalLM(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return AutoWeightsLoader(self).load_weights(checked_tensors(self.cfg, weights, self.where),
-                                                    mapper=self.hf_to_vllm_mapper)
+        AutoWeightsLoader(self).load_weights(checked_tensors(self.cfg, weights, self.where),
+                                             mapper=self.hf_to_vllm_mapper)
+        for layer in self.model.layers[self.model.start_layer: self.model.end_layer]:
+            layer.self_attn.fold()
+        # Every parameter left is loaded: checked_tensors failed on any missing tensor, and the
+        # folded projections were filled from the factors.
+        return {name for name, _ in self.named_parameters()}
 

@@ -22,6 +22,7 @@ class EngineSettings:
     max_num_seqs: int | None = None
     enforce_eager: bool = True
     seed: int = 0
+    prefix_caching: bool = True
 
 
 def memory_layout(folder: Path, dtype: str) -> MemoryLayout:
@@ -62,7 +63,7 @@ class EngineClient:
             model=str(settings.model), served_model_name=[settings.served_name], dtype=settings.dtype,
             max_model_len=settings.max_model_len, enforce_eager=settings.enforce_eager,
             kv_cache_memory_bytes=int(settings.kv_cache_gb * 2**30), seed=settings.seed,
-            max_num_seqs=settings.max_num_seqs, max_logprobs=20,
+            max_num_seqs=settings.max_num_seqs, max_logprobs=20, enable_prefix_caching=settings.prefix_caching,
         )
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(metrics, self.layout)])
         self.tokenizer = self.llm.get_tokenizer()
