@@ -176,6 +176,17 @@ def test_api_key_is_required_except_for_health(server):
     assert get(server, "/health", key=None).status_code == 200
 
 
+def test_dockerfile_healthcheck_command_passes_against_the_server(server):
+    from pathlib import Path
+
+    dockerfile = (Path(__file__).resolve().parent.parent / "Dockerfile").read_text()
+    command = json.loads(dockerfile.split("HEALTHCHECK", 1)[1].split("CMD", 1)[1].split("\n")[0])
+    env = {**os.environ, "TUCKER_PORT": str(server["port"])}
+    assert subprocess.run(command, env=env, timeout=30).returncode == 0
+    env["TUCKER_PORT"] = "1"  # nothing listens there: the check must fail
+    assert subprocess.run(command, env=env, timeout=30, capture_output=True).returncode != 0
+
+
 def test_models_lists_the_served_model(client):
     assert [m.id for m in client.models.list().data] == [NAME]
 

@@ -109,7 +109,7 @@ def flag(text: str) -> bool:
 # serve options that may also come from TUCKER_<NAME> environment variables (containers)
 SERVE_ENV = {"model": str, "kv_ratio": float, "host": str, "port": int, "api_key": str, "max_model_len": int,
              "kv_cache_gb": float, "dtype": str, "max_num_seqs": int, "served_model_name": str, "log_level": str,
-             "metrics_need_key": flag}
+             "metrics_need_key": flag, "tensor_parallel_size": int}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -205,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-seqs", type=int, help="most requests batched at once")
     serve.add_argument("--served-model-name", help="the model id clients send")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--tensor-parallel-size", type=int, help="GPUs (or CPU ranks) to shard heads over")
     serve.set_defaults(func=cmd_serve)
     return parser
 

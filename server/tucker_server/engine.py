@@ -23,6 +23,7 @@ class EngineSettings:
     enforce_eager: bool = True
     seed: int = 0
     prefix_caching: bool = True
+    tensor_parallel_size: int = 1
 
 
 def memory_layout(folder: Path, dtype: str) -> MemoryLayout:
@@ -64,6 +65,7 @@ class EngineClient:
             max_model_len=settings.max_model_len, enforce_eager=settings.enforce_eager,
             kv_cache_memory_bytes=int(settings.kv_cache_gb * 2**30), seed=settings.seed,
             max_num_seqs=settings.max_num_seqs, max_logprobs=20, enable_prefix_caching=settings.prefix_caching,
+            tensor_parallel_size=settings.tensor_parallel_size,
         )
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(metrics, self.layout)])
         self.tokenizer = self.llm.get_tokenizer()

@@ -28,7 +28,6 @@ class Job:
     params: SamplingParams
     first_index: int
     echo: str | None = None  # completions with echo: the prompt text, prepended to each choice
-    prompt_logprobs: list | None = None
 
 
 @dataclass
@@ -38,9 +37,7 @@ class Choice:
     num_tokens: int = 0
     finish_reason: str | None = None
     logprobs: list = field(default_factory=list)  # per output token: (token_id, {id: Logprob})
-    top: int | None = None
-    chat: bool = False
-    detok: object = None
+    top: int | None = None  # logprobs asked for (None: no logprobs in the response)
 
     def body(self, kind: str) -> dict:
         if kind == "chat.completion":
@@ -52,11 +49,14 @@ class Choice:
 
 
 def sampling(body, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None, kind) -> SamplingParams:
-    return SamplingParams(
-        n=body.n, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop,
-        max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, output_kind=kind,
-    )
+    try:
+        return SamplingParams(
+            n=body.n, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop,
+            max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, output_kind=kind,
+        )
+    except ValueError as exc:  # vLLM's own checks (e.g. an empty stop string)
+        raise RequestError(str(exc)) from None
 
 
 def budget(engine, prompt_ids: list[int], max_tokens: int | None, param: str) -> int:
@@ -87,7 +87,7 @@ def check_ids(engine, ids: list[int]) -> list[int]:
     return ids
 
 
-def plan_completion(engine, body: CompletionRequest, kind=None) -> list[Job]:
+def plan_completion(engine, body: CompletionRequest) -> list[Job]:
     jobs = []
     for i, ids in enumerate(prompt_token_lists(engine, body.prompt)):
         max_tokens = budget(engine, ids, body.max_tokens, "max_tokens")
@@ -190,7 +190,7 @@ async def stream_jobs(engine, jobs: list[Job], rid: str, head: dict, kind: str,
         for t in tasks:
             t.result()  # surface engine errors
         if include_usage:
-            prompt = sum(len(j.prompt_ids) for j in jobs) 
+            prompt = sum(len(j.prompt_ids) for j in jobs)
             yield {**chunk, "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": generated,
                                                      "total_tokens": prompt + generated}}
     finally:

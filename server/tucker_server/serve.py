@@ -29,6 +29,7 @@ class ServeOptions:
     max_num_seqs: int | None = None
     served_model_name: str | None = None
     log_level: str = "info"
+    tensor_parallel_size: int = 1
 
 
 def model_folder(opt: ServeOptions) -> tuple[Path, str]:
@@ -64,7 +65,7 @@ def run(opt: ServeOptions) -> int:
     metrics = Metrics()
     engine = EngineClient(EngineSettings(
         model=folder, served_name=name, max_model_len=opt.max_model_len, kv_cache_gb=opt.kv_cache_gb,
-        dtype=opt.dtype, max_num_seqs=opt.max_num_seqs), metrics)
+        dtype=opt.dtype, max_num_seqs=opt.max_num_seqs, tensor_parallel_size=opt.tensor_parallel_size), metrics)
     app = create_app(engine, metrics, opt.api_key, opt.metrics_need_key)
     logging.getLogger("tucker_server").info("serving %s (%s) on http://%s:%d", name, folder, opt.host, opt.port)
     # uvicorn drains in-flight requests on SIGTERM/SIGINT, then re-raises the signal against the
