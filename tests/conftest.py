@@ -4,6 +4,7 @@ Conversions are made once per test session into a temporary folder and shared by
 that needs them (the quality tests, the vLLM parity tests, the server tests).
 """
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -91,3 +92,27 @@ def wait_for_http(url: str, proc, timeout: float = 300) -> None:
             pass
         time.sleep(1)
     raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@contextlib.contextmanager
+def serve_process(folder, log_path, *args, env=None):
+    """A real `tucker-serve serve` on a free loopback port, healthy; stopped (or killed) on exit.
+    Yields {"port", "url", "proc", "log", "folder"}."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "tucker_serve.cli", "serve", "--model", str(folder), "--port", str(port), *args]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        try:
+            wait_for_http(f"http://127.0.0.1:{port}/health", proc)
+            yield {"port": port, "url": f"http://127.0.0.1:{port}", "proc": proc, "log": log_path, "folder": folder}
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            proc.wait(timeout=60)

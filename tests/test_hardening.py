@@ -3,10 +3,7 @@ fuzzing from the OpenAPI schema, bad bodies, security. Loops are bounded in coun
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -14,7 +11,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from conftest import free_port, wait_for_http
+from conftest import serve_process
 
 pytestmark = [pytest.mark.server, pytest.mark.vllm, pytest.mark.slow]
 KEY = "hardening-key"
@@ -24,22 +21,12 @@ MARKER = "zebra-quartz-marker-7731"  # prompt text that must never reach the log
 
 @pytest.fixture(scope="module")
 def server(converted, tmp_path_factory):
-    folder = converted(2.0)
-    port = free_port()
     log_path = tmp_path_factory.mktemp("hardening") / "server.log"
     # 0.02 GiB holds about 900 tokens in 128-token blocks: long prompts exhaust it.
-    cmd = [sys.executable, "-m", "tucker_serve.cli", "serve", "--model", str(folder), "--port", str(port),
-           "--max-model-len", "256", "--kv-cache-gb", "0.02", "--max-num-seqs", "8", "--served-model-name", NAME]
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TUCKER_API_KEY": KEY})
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", proc)
-        yield {"port": port, "proc": proc, "log": log_path, "url": f"http://127.0.0.1:{port}"}
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=60)
-        log.close()
+    # The key comes from the environment, as in a container.
+    with serve_process(converted(2.0), log_path, "--max-model-len", "256", "--kv-cache-gb", "0.02",
+                       "--max-num-seqs", "8", "--served-model-name", NAME, env={"TUCKER_API_KEY": KEY}) as running:
+        yield running
 
 
 HEADERS = {"Authorization": f"Bearer {KEY}"}

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import urllib.request
 
@@ -13,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import free_port, wait_for_http
+from conftest import free_port, serve_process, wait_for_http
 from tucker_serve.sources import load_tokenizer
 
 pytestmark = [pytest.mark.server, pytest.mark.vllm, pytest.mark.slow]
@@ -23,19 +22,10 @@ NAME = "smollm2-tucker-test"
 
 @pytest.fixture(scope="module")
 def server(converted, tmp_path_factory):
-    folder = converted(2.0)
-    port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "tucker_serve.cli", "serve", "--model", str(folder), "--port", str(port),
-           "--api-key", KEY, "--max-model-len", "512", "--kv-cache-gb", "0.25", "--served-model-name", NAME]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_for_http(f"http://127.0.0.1:{port}/health", proc)
-            yield {"port": port, "folder": folder, "proc": proc, "log": log_path}
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+    with serve_process(converted(2.0), log_path, "--api-key", KEY, "--max-model-len", "512",
+                       "--kv-cache-gb", "0.25", "--served-model-name", NAME) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     opt = ConvertOptions(
         kv_ratio=args.kv_ratio, key_rank=args.key_rank, value_rank=args.value_rank,
         full_rank=args.full_rank, calib_text=args.calib_text, calib_tokens=args.calib_tokens, dtype=args.dtype,
+        key_metric=args.key_metric, value_stat=args.value_stat,
     )
     report = convert(args.model, args.out, opt, progress=not args.quiet)
     bytes_ = report["bytes_per_token"]
@@ -154,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--calib-text", default="wiki", help="wiki, news or a UTF-8 file")
     conv.add_argument("--calib-tokens", type=int, default=8192)
     conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    conv.add_argument("--key-metric", default="attention", choices=["attention", "query", "plain"],
+                      help="key importance: attention-centred and query-weighted (default), query-weighted, or raw")
+    conv.add_argument("--value-stat", default="values", choices=["values", "outputs"],
+                      help="value directions from the values' Gram matrix (default) or the attention outputs'")
     conv.add_argument("--quiet", action="store_true", help="no progress bars")
     conv.set_defaults(func=cmd_convert)
 

@@ -70,7 +70,13 @@ def default_key_fraction(ratio: float) -> float:
 
 
 def key_bases(st: LayerStats, s: AttentionShape, r3: int, metric: str):
-    """Per-frequency encoder and decoder bases (G, m_k) complex, and the retained key energy."""
+    """Per-frequency encoder and decoder bases (G, m_k) complex, and the retained key energy.
+
+    metric 'plain' ranks components by key energy E|z|^2; 'query' weighs each KV head's keys by
+    the energy of the queries that read them (the expected squared logit error); 'attention' also
+    measures keys by their spread under each query's attention, since softmax ignores errors shared
+    by all keys of a query.
+    """
     cov = (st.key_attn_cov if metric == "attention" else st.key_cov) / st.tokens  # (D/2, G, G)
     if metric in ("query", "attention"):
         rep = s.heads // s.groups
