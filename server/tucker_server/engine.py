@@ -41,11 +41,14 @@ def memory_layout(folder: Path, dtype: str) -> MemoryLayout:
 
 def configure_cpu(settings: EngineSettings) -> None:
     """vLLM CPU settings: the cache size comes from our engine arguments (the env var would override
-    them in whole GiB only), and on small machines the worker may use every core."""
+    them in whole GiB only); on small machines the workers share out every core (vLLM's automatic
+    binding keeps one core per worker for its scheduler and wants a NUMA node per worker)."""
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    cores = os.cpu_count() or 1
-    if cores <= 4:
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}")
+    cores, ranks = os.cpu_count() or 1, settings.tensor_parallel_size
+    if cores <= 4 and cores >= ranks:
+        per = cores // ranks
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
+                              "|".join(f"{r * per}-{(r + 1) * per - 1}" for r in range(ranks)))
 
 
 class EngineClient:

@@ -46,6 +46,7 @@ class Metrics:
     """Every tucker_* metric, in a registry of its own (vLLM keeps its vllm:* ones elsewhere)."""
 
     def __init__(self) -> None:
+        self.last_usage = 0.0  # latest KV usage fraction, for /v1/memory
         r = self.registry = CollectorRegistry()
         g = lambda name, doc: Gauge(name, doc, registry=r)
         self.bytes_per_token = g("tucker_kv_bytes_per_token", "KV-cache bytes one token occupies (all layers)")
@@ -93,6 +94,7 @@ def stat_logger_factory(metrics: Metrics, layout: MemoryLayout):
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
             if scheduler_stats is not None:
+                metrics.last_usage = scheduler_stats.kv_cache_usage
                 metrics.usage.set(scheduler_stats.kv_cache_usage)
                 # vLLM keeps one null block out of use: usage counts the others.
                 metrics.blocks_used.set(round(scheduler_stats.kv_cache_usage * max(self.num_blocks - 1, 0)))

@@ -56,7 +56,7 @@ async def model(request: Request, model: str) -> dict:
 
 @router.get("/v1/memory")
 async def memory(request: Request) -> dict:
-    return state(request).engine.memory(state(request).metrics.usage._value.get())
+    return state(request).engine.memory(state(request).metrics.last_usage)
 
 
 @router.get("/metrics")
