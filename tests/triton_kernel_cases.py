@@ -1,0 +1,57 @@
+"""The Triton paged decode kernel against the PyTorch reference, run by Triton's CPU interpreter.
+
+Run through tests/test_triton_decode.py, in a process of its own: TRITON_INTERPRET must be set
+before Triton is first imported, and other tests import it (through vLLM) without.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported (decorated) anywhere
+
+import pytest
+import torch
+
+from test_paged_ops import BS, H, R3, RT3, make_batch
+from tucker_serve.ops.paged import decode_attention
+from tucker_serve.ops.triton_decode import available, paged_decode
+
+pytestmark = pytest.mark.skipif(not available(torch.device("cpu")), reason="triton is not installed")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative to the largest output entry
+
+
+def relative(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_kernel_matches_reference_on_ragged_shuffled_blocks(dtype, splits):
+    # lengths: 1 token, exactly one block, many blocks (with a partial last block); r3 != rt3
+    ctx = [1, BS, 5 * BS + 3, 2 * BS]
+    cache, table, _, _, _, _ = make_batch(ctx, [1] * len(ctx), torch.float32, seed=11)
+    cache = cache.to(dtype)
+    q = torch.randn(len(ctx), H, R3, generator=torch.Generator().manual_seed(12)).to(dtype)
+    seq = torch.tensor(ctx, dtype=torch.int32)
+    want = decode_attention(q.float(), cache.float(), table, seq, 0.4)
+    got = paged_decode(q, cache, table, seq, 0.4, num_splits=splits)
+    assert got.shape == (len(ctx), H, RT3) and got.dtype == dtype
+    assert relative(got, want) <= TOL[dtype]
+
+
+def test_empty_context_gives_zeros_and_no_nan():
+    cache, table, _, _, _, _ = make_batch([BS, 3], [1, 1], torch.float32, seed=13)
+    q = torch.randn(2, H, R3)
+    got = paged_decode(q, cache, table, torch.tensor([0, 3], dtype=torch.int32), 0.4, num_splits=2)
+    assert torch.equal(got[0], torch.zeros(H, RT3))
+    assert relative(got[1], decode_attention(q[1:], cache, table[1:], torch.tensor([3]), 0.4)[0]) <= 1e-5
+
+
+def test_shared_latent_rotates_keys_at_read_time():
+    g = torch.Generator().manual_seed(14)
+    cache = torch.randn(6, 1, BS, R3, generator=g)
+    table = torch.randperm(6, generator=g)[:5].view(1, 5).to(torch.int32)
+    freqs = torch.rand(R3 // 2, generator=g, dtype=torch.float64) * 0.3
+    q = torch.randn(1, H, R3, generator=g)
+    seq = torch.tensor([4 * BS + 5], dtype=torch.int32)
+    want = decode_attention(q, cache, table, seq, 0.4, latent_freqs=freqs)
+    assert relative(paged_decode(q, cache, table, seq, 0.4, latent_freqs=freqs, num_splits=2), want) <= 1e-5
