@@ -93,8 +93,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if getattr(args, name):
             kind = float if name == "kv_ratios" else int
             given[name] = tuple(kind(x) for x in getattr(args, name).split(","))
-    if args.kv_cache_gb is not None:
-        given["kv_cache_gb"] = args.kv_cache_gb
+    for name in ("kv_cache_gb", "serving_ratio"):
+        if getattr(args, name) is not None:
+            given[name] = getattr(args, name)
     opt = BenchOptions.quick(**given) if args.quick else BenchOptions(**given)
     run(opt)
     print((opt.out / "results.md").read_text())
@@ -193,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", required=True, help="folder for results.json, results.md and plots")
     bench.add_argument("--quick", action="store_true", help="a small grid (minutes), for a smoke run")
     bench.add_argument("--serving", action="store_true",
-                       help="also load the HTTP server with concurrent streaming clients (source vs last ratio)")
+                       help="also load the HTTP server with concurrent streaming clients (source vs one ratio)")
+    bench.add_argument("--serving-ratio", type=float,
+                       help="the Tucker ratio the serving benchmark uses (default 2, else the last of --kv-ratios)")
     bench.set_defaults(func=cmd_bench)
 
     serve = sub.add_parser("serve", help="serve a model over the OpenAI API (default: SmolLM2-135M, Tucker)",
