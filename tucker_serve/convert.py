@@ -65,7 +65,10 @@ def choose_ranks(s: AttentionShape, opt: ConvertOptions) -> tuple[int, int]:
 
 
 def default_key_fraction(ratio: float) -> float:
-    """Share of the latent given to keys: equal up to 3x, more for keys beyond (measured, docs/quality.md)."""
+    """Share of the latent given to keys: equal up to 3x, more beyond 3x.
+
+    Follows the prototype's split measurements (DESIGN.md section 2: 60/36 at 4x, 48/16 at 6x).
+    """
     return 0.5 if ratio <= 3 else min(0.75, 0.5 + 0.0625 * (ratio - 3))
 
 
