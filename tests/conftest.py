@@ -11,6 +11,8 @@ import tempfile
 
 import pytest
 
+from tucker_server.loadgen import free_port, wait_for_http  # noqa: F401 (test modules import them from here)
+
 _RUN_DIR = tempfile.mkdtemp(prefix="tucker-test-")
 
 
@@ -65,33 +67,6 @@ def start_llm():
     yield start
     for llm in engines:
         llm.llm_engine.engine_core.shutdown()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_http(url: str, proc, timeout: float = 300) -> None:
-    """Poll `url` until it answers 200; fail early if the server process exits."""
-    import time
-    import urllib.request
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
 @contextlib.contextmanager

@@ -29,18 +29,19 @@ def start_server(folder, port: int, log_path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Poll `url` until it answers 200; fail early if the server process exits."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            if httpx.get(url, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    raise TimeoutError(f"{url} did not become healthy")
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
 def preemptions(url: str) -> float:
@@ -100,7 +101,7 @@ def serving_benchmark(source, tucker, opt) -> dict:
         url = f"http://127.0.0.1:{port}"
         proc = start_server(variant.folder, port, opt.out / f"server-{variant.name.replace(' ', '-')}.log")
         try:
-            wait_healthy(url, proc)
+            wait_for_http(f"{url}/health", proc, timeout=600)
             memory = httpx.get(f"{url}/v1/memory", timeout=10).json()
             vocab = len(load_tokenizer(variant.folder))
             levels = [asyncio.run(level(url, c, vocab, seed=c)) for c in LEVELS]
