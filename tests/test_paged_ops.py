@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tucker_serve.ops.paged import paged_attention, write_latent_cache
+from tucker_serve.ops.paged import PagedBatch, paged_attention, write_latent_cache
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
 H, R3, RT3, BS = 6, 12, 20, 16
@@ -47,7 +47,7 @@ def test_paged_attention_matches_dense_on_ragged_mixed_batch(dtype):
     q_lens = [1, 1, 1, 40, 29]
     cache, table, keys, values, q, qsl = make_batch(ctx_lens, q_lens, dtype)
     out = torch.full((q.shape[0], H, RT3), float("nan"), dtype=dtype)
-    paged_attention(q, cache, qsl, torch.tensor(ctx_lens, dtype=torch.int32), table, 0.3, out)
+    paged_attention(q, cache, PagedBatch.of(qsl, torch.tensor(ctx_lens, dtype=torch.int32), table), 0.3, out)
     for i in range(len(ctx_lens)):
         a, b = int(qsl[i]), int(qsl[i + 1])
         want = dense(q[a:b], keys[i], values[i], 0.3)
@@ -65,8 +65,15 @@ def test_padding_slots_are_not_written():
 def test_junk_beyond_the_context_does_not_leak():
     cache, table, keys, values, q, qsl = make_batch([20], [1], torch.float64, seed=3)
     out = torch.empty(1, H, RT3, dtype=torch.float64)
-    paged_attention(q, cache, qsl, torch.tensor([20], dtype=torch.int32), table, 0.5, out)
+    paged_attention(q, cache, PagedBatch.of(qsl, torch.tensor([20], dtype=torch.int32), table), 0.5, out)
     cache[table[0, 1].long(), 0, 4:] = 1e6  # block 1 holds tokens 16..19; the rest is not context
     again = torch.empty_like(out)
-    paged_attention(q, cache, qsl, torch.tensor([20], dtype=torch.int32), table, 0.5, again)
+    paged_attention(q, cache, PagedBatch.of(qsl, torch.tensor([20], dtype=torch.int32), table), 0.5, again)
     assert torch.equal(out, again)
+
+
+def test_a_batch_must_put_its_decodes_first():
+    qsl = torch.tensor([0, 5, 6])
+    with pytest.raises(ValueError, match="decodes"):
+        PagedBatch.of(qsl, torch.tensor([5, 9]), torch.zeros(2, 1, dtype=torch.int32))
+    assert PagedBatch.of(torch.tensor([0, 1, 2, 9]), torch.tensor([3, 30, 7]), torch.zeros(3, 2)).num_decodes == 2

@@ -1,21 +1,17 @@
-"""TUCKER attention backend for vLLM: one latent per token per layer in vLLM's paged cache.
+"""TUCKER attention backend for vLLM: one latent per token per layer in vLLM's paged cache, for the
+latents vLLM's own backends cannot hold: unequal key and value widths (r3 != rt3) and shared latents.
+(Equal widths are plain MQA: the model hands those layers to vLLM's own backend.)
 
-vLLM hands each layer kv_cache (num_blocks, 1, block_size, r3 + rt3): the rotated latent key and
-the latent value of every token, shared by all query heads (MQA with one KV head). In
-shared-latent mode the cache holds only the unrotated latent (r3): keys are rotated from their
-positions when read.
+vLLM hands each layer kv_cache (num_blocks, 1, block_size, r3 + rt3): rows of [rotated latent key |
+latent value] per token, shared by all query heads (MQA with one KV head). In shared-latent mode the
+cache holds only the unrotated latent (r3): keys are rotated from their positions when read.
 
-`forward` dispatches once per platform:
-- CPU, r3 == rt3 a head size vLLM's C++ CPU attention supports: that kernel, fed one KV head
-  (the cache is then laid out as that kernel wants: a block's keys, then its values);
-- CPU otherwise (r3 != rt3, shared latent): the vectorised PyTorch ops of `tucker_serve.ops.paged`,
-  rows of [key | value] per token;
-- CUDA: the Triton paged decode kernel and vLLM's flash-attention for prefills (`tucker_vllm.gpu`).
+`forward` dispatches once per platform: on CPU the vectorised PyTorch ops of
+`tucker_serve.ops.paged`; on CUDA the Triton paged decode kernel (`tucker_vllm.gpu`).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -28,75 +24,40 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
     MultipleOf,
 )
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
-from tucker_serve.ops.paged import paged_attention, write_latent_cache
+from tucker_serve.ops.paged import PagedBatch, paged_attention, write_latent_cache
 
 BACKEND_NAME = "TUCKER"
 SHARED_BACKEND_NAME = "TUCKER_SHARED"
-CPU_KERNEL_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
-def uses_cpu_kernel(device: torch.device, head_size: int, head_size_v: int) -> bool:
-    """Whether a layer runs vLLM's C++ CPU attention (equal K/V widths it supports, on CPU).
-    TUCKER_CPU_KERNEL=0 forces the PyTorch path (for comparisons)."""
-    return (device.type == "cpu" and head_size == head_size_v and head_size in CPU_KERNEL_HEAD_SIZES
-            and os.environ.get("TUCKER_CPU_KERNEL", "1") != "0")
-
-
-def cpu_kernel_isa(dtype: torch.dtype, block_size: int, head_size: int) -> str:
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
-    return _get_attn_isa(dtype, block_size, head_size)
-
-
-def split_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The C++ kernel's view of a block: block_size keys, then block_size values."""
-    num_blocks, heads, block_size, _ = kv_cache.shape
-    return kv_cache.view(num_blocks, heads, 2 * block_size, -1).chunk(2, dim=2)
-
-
-@dataclass
-class TuckerMetadata:
-    num_actual_tokens: int
-    query_start_loc: torch.Tensor  # (B+1,) int32
-    seq_lens: torch.Tensor  # (B,) context length including this step's tokens
-    block_table: torch.Tensor  # (B, max_blocks) int32
-    slot_mapping: torch.Tensor  # (T,) int64, -1 = padding
-    scheduler_metadata: torch.Tensor | None = None  # for the C++ CPU kernel
+@dataclass(frozen=True)
+class TuckerMetadata(PagedBatch):
+    num_actual_tokens: int = 0
 
 
 class TuckerMetadataBuilder(AttentionMetadataBuilder[TuckerMetadata]):
+    reorder_batch_threshold = 1  # vLLM puts the decodes first in every batch
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        from vllm.v1.attention.backends.utils import get_num_attention_heads_from_layers
-
-        self.cpu_kernel = uses_cpu_kernel(torch.device(device), kv_cache_spec.head_size, kv_cache_spec.head_size_v)
-        if self.cpu_kernel:
-            self.num_heads = get_num_attention_heads_from_layers(vllm_config, layer_names)
-            self.head_size, self.dtype = kv_cache_spec.head_size, vllm_config.model_config.dtype
-            self.isa = cpu_kernel_isa(self.dtype, kv_cache_spec.block_size, self.head_size)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> TuckerMetadata:
+        """The step's decode/prefill split and host-side lengths, once for all layers."""
         m = common_attn_metadata
-        meta = TuckerMetadata(
-            num_actual_tokens=m.num_actual_tokens,
-            query_start_loc=m.query_start_loc[: m.num_reqs + 1],
+        num_decodes, _, _, _ = split_decodes_and_prefills(m, decode_threshold=1)
+        host_lens = m.seq_lens_cpu_upper_bound if m.seq_lens_cpu_upper_bound is not None else m.seq_lens.cpu()
+        return TuckerMetadata(
+            num_decodes=num_decodes,
+            query_start_loc=m.query_start_loc_cpu[: m.num_reqs + 1].tolist(),
+            context_lens=host_lens[: m.num_reqs].tolist(),
             seq_lens=m.seq_lens[: m.num_reqs],
             block_table=m.block_table_tensor[: m.num_reqs],
-            slot_mapping=m.slot_mapping,
+            num_actual_tokens=m.num_actual_tokens,
         )
-        if self.cpu_kernel:
-            from vllm import _custom_ops as ops
-            from vllm import envs
-
-            meta.scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
-                num_reqs=m.num_reqs, num_heads=self.num_heads, num_kv_heads=1, head_dim=self.head_size,
-                seq_lens=meta.seq_lens, dtype=self.dtype, query_start_loc=meta.query_start_loc, causal=True,
-                sliding_window_size=-1, isa=self.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-            )
-        return meta
 
 
 class TuckerAttentionImpl(AttentionImpl[TuckerMetadata]):
@@ -121,23 +82,10 @@ class TuckerAttentionImpl(AttentionImpl[TuckerMetadata]):
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads, self.kv_cache_dtype = 1, kv_cache_dtype
         self.latent_freqs = latent_freqs  # shared-latent mode: rotate cached keys at read time
-        self.isa: str | None = None  # set on first use when the C++ CPU kernel serves this layer
-
-    def cpu_kernel(self, layer, kv_cache: torch.Tensor) -> bool:
-        if self.isa is None and self.latent_freqs is None and uses_cpu_kernel(
-                kv_cache.device, self.head_size, layer.head_size_v):
-            self.isa = cpu_kernel_isa(kv_cache.dtype, kv_cache.shape[2], self.head_size)
-        return self.isa is not None
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         if kv_cache.numel() == 0:
-            return
-        if self.cpu_kernel(layer, kv_cache):
-            from vllm import _custom_ops as ops
-
-            key_cache, value_cache = split_cache(kv_cache)
-            ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, self.isa)
             return
         n = slot_mapping.shape[0]
         value = None if self.latent_freqs is not None else value[:n, 0]
@@ -151,17 +99,6 @@ class TuckerAttentionImpl(AttentionImpl[TuckerMetadata]):
         if attn_metadata is None:  # memory profiling: no cache, no metadata
             return output
         n, m = attn_metadata.num_actual_tokens, attn_metadata
-        if self.cpu_kernel(layer, kv_cache):
-            from vllm import _custom_ops as ops
-
-            key_cache, value_cache = split_cache(kv_cache)
-            ops.cpu_attention_with_kv_cache(
-                query=query[:n], key_cache=key_cache, value_cache=value_cache, output=output[:n],
-                query_start_loc=m.query_start_loc, seq_lens=m.seq_lens, scale=self.scale, causal=True,
-                alibi_slopes=None, sliding_window=-1, block_table=m.block_table, softcap=0,
-                scheduler_metadata=m.scheduler_metadata, s_aux=None,
-            )
-            return output
         freqs = self.latent_freqs
         if freqs is not None and freqs.device != query.device:
             freqs = self.latent_freqs = freqs.to(query.device)
@@ -170,8 +107,7 @@ class TuckerAttentionImpl(AttentionImpl[TuckerMetadata]):
 
             gpu_attention(query[:n], kv_cache, m, self.scale, output[:n], freqs)
         else:
-            paged_attention(query[:n], kv_cache, m.query_start_loc, m.seq_lens, m.block_table,
-                            self.scale, output[:n], freqs)
+            paged_attention(query[:n], kv_cache, m, self.scale, output[:n], freqs)
         return output
 
 

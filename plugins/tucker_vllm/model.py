@@ -1,20 +1,24 @@
 """TuckerLlamaForCausalLM for vLLM: Llama blocks whose attention caches one latent per token.
 
 Per layer: latent queries per head (U2 B_h), the latent key (U3) and value (Ut3), latent RoPE with
-the checkpoint's per-pair frequencies, attention by the TUCKER backend, and the output map
-(Bt_h then Ut2). The factors are folded at load time into one QKV projection with a single KV head
-and one output projection. Query heads and the output are sharded over tensor-parallel ranks; the
-latent key/value projections and the latent cache are replicated on every rank.
+the checkpoint's per-pair frequencies, attention over the latent, and the output map (Bt_h then
+Ut2). The factors are folded at load time into one QKV projection with a single KV head and one
+output projection. Query heads and the output are sharded over tensor-parallel ranks; the latent
+key/value projections and the latent cache are replicated on every rank.
+
+A latent with equal key and value widths is plain MQA with head size r3: such layers use the
+attention backend vLLM selects itself (its C++ kernel on CPU, flash-attention on CUDA, with their
+cache dtypes and graphs); the TUCKER backend serves the rest (r3 != rt3, shared latents).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 
 import torch
 from torch import nn
-from vllm import _custom_ops as ops
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
@@ -22,10 +26,12 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.llama import LlamaMLP
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, make_layers, maybe_prefix
 from vllm.sequence import IntermediateTensors
+from vllm.v1.attention.selector import get_attn_backend
 
 from tucker_serve.model import TuckerModelConfig, checked_tensors
 from tucker_serve.rope import rope_cos_sin
@@ -88,6 +94,35 @@ def fold_output(f: Factors, block: bool) -> torch.Tensor:
     return torch.einsum("do,hos->dhs", ut2, core).flatten(1)
 
 
+class LatentRotaryEmbedding(RotaryEmbedding):
+    """vLLM's rotary op (rotate-half) over the r3-dim latent, with one frequency per latent pair from
+    the checkpoint instead of a base-theta schedule; its table is computed in float64, as the
+    reference model's."""
+
+    def __init__(self, freqs: torch.Tensor, max_positions: int, dtype: torch.dtype) -> None:
+        self.latent_freqs = freqs
+        r3 = 2 * freqs.numel()
+        super().__init__(r3, r3, max_positions, base=0.0, is_neox_style=True, dtype=dtype)
+
+    def _compute_cos_sin_cache(self) -> torch.Tensor:
+        cos, sin = rope_cos_sin(self.latent_freqs, torch.arange(self.max_position_embeddings))
+        return torch.cat((cos, sin), -1).float()
+
+
+def latent_backend(r3: int, rt3: int, shared: bool, kv_cache_dtype: str):
+    """None (vLLM selects its own backend) for plain MQA latents it supports; else a TUCKER backend.
+    TUCKER_ATTENTION=tucker forces the TUCKER backend on every layer (for comparisons)."""
+    if shared:
+        return TuckerSharedLatentBackend
+    if r3 == rt3 and os.environ.get("TUCKER_ATTENTION", "auto") != "tucker":
+        try:
+            if get_attn_backend(r3, torch.get_default_dtype(), kv_cache_dtype).supports_head_size(r3):
+                return None
+        except ValueError:  # no vLLM backend for this head size, dtype or cache dtype
+            pass
+    return TuckerAttentionBackend
+
+
 class TuckerLlamaAttention(nn.Module):
     """Serves a Tucker layer as MQA over the latent: at load time the shared query projection and
     the per-head cores fold into one per-head latent query map (a QKV projection with one KV head
@@ -105,16 +140,13 @@ class TuckerLlamaAttention(nn.Module):
                                           v_head_size=c.rt3, prefix=f"{prefix}.qkv_proj")
         self.o_proj = RowParallelLinear(c.num_heads * c.rt3, c.hidden_size, bias=False, prefix=f"{prefix}.o_proj")
         freqs = torch.tensor(cfg.latent_rope_freqs[layer], dtype=torch.float64)
-        # vLLM's rotary op with this layer's own table: cat(cos, sin) per position, computed in
-        # float64 (as the reference does) and stored in float32
-        cos, sin = rope_cos_sin(freqs, torch.arange(max_positions))
-        self.register_buffer("cos_sin", torch.cat((cos, sin), -1).float(), persistent=False)
-        backend_args = {"attn_backend": TuckerSharedLatentBackend, "latent_freqs": freqs} if self.shared else {
-            "attn_backend": TuckerAttentionBackend}
+        self.rotary_emb = LatentRotaryEmbedding(freqs, max_positions, torch.get_default_dtype())
+        backend = latent_backend(c.r3, c.rt3, self.shared, cache_config.cache_dtype if cache_config else "auto")
+        extra = {"latent_freqs": freqs} if self.shared else {}  # shared latent: keys rotate when read
         self.attn = Attention(
             num_heads=self.heads, head_size=c.r3, scale=cfg.softmax_scale, num_kv_heads=1,
             head_size_v=c.rt3, cache_config=cache_config, quant_config=quant_config,
-            prefix=f"{prefix}.attn", **backend_args,
+            prefix=f"{prefix}.attn", attn_backend=backend, **extra,
         )
 
     @torch.no_grad()
@@ -138,10 +170,9 @@ class TuckerLlamaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.heads * self.r3, self.r3, self.rt3], dim=-1)
-        if self.cos_sin.dtype != q.dtype:
-            self.cos_sin = self.cos_sin.to(q.dtype)
-        # rotate-half latent RoPE in place; shared latent: the key stays unrotated (rotated when read)
-        ops.rotary_embedding(positions, q, None if self.shared else k, self.r3, self.cos_sin, True)
+        # shared latent: the cached key stays unrotated (rotated when read)
+        q, rotated = self.rotary_emb(positions, q, None if self.shared else k)
+        k = k if self.shared else rotated
         out, _ = self.o_proj(self.attn(q, k, k if self.shared else v))
         return out
 

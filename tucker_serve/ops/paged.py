@@ -6,10 +6,13 @@ key (first r3) then its latent value. Every query head attends to the one shared
 Shared-latent mode (`latent_freqs` given): rows hold only the unrotated latent (r3), which is the
 value as is and, rotated by the token's position at read time, the key.
 Batch metadata follows vLLM: query_start_loc (B+1,), seq_lens (B,) = context including this
-step's tokens, block_table (B, max_blocks), slot_mapping (T,) with -1 for padding tokens.
+step's tokens, block_table (B, max_blocks), slot_mapping (T,) with -1 for padding tokens; decodes
+(one new token) come first in a batch, as vLLM orders them for backends that ask it to.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +48,38 @@ def gather_rows(kv_cache: torch.Tensor, block_table: torch.Tensor, max_len: int)
     return kv_cache[blocks].flatten(1, 3)[:, :max_len]  # (B, nb*bs, W) -> (B, max_len, W)
 
 
+@dataclass(frozen=True)
+class PagedBatch:
+    """One step's requests, decodes first, with the host-side figures the loops need (built once per
+    step, so that layers never wait on the device to learn a length)."""
+
+    num_decodes: int  # requests 0..num_decodes-1 have one new token each, token i of request i
+    query_start_loc: list[int]  # (B+1,) host copy
+    context_lens: list[int]  # (B,) host copy of seq_lens (exact for prefills, an upper bound for decodes)
+    seq_lens: torch.Tensor  # (B,) on the device
+    block_table: torch.Tensor  # (B, max_blocks)
+
+    @classmethod
+    def of(cls, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor) -> "PagedBatch":
+        """From vLLM-style tensors whose decodes come first (for tests and callers outside vLLM)."""
+        starts = query_start_loc.tolist()
+        q_lens = [b - a for a, b in zip(starts, starts[1:])]
+        decodes = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
+        if any(n == 1 for n in q_lens[decodes:]):
+            raise ValueError("decodes (one new token) must come first in the batch")
+        return cls(decodes, starts, seq_lens.tolist(), seq_lens, block_table)
+
+    @property
+    def max_decode_len(self) -> int:
+        return max(self.context_lens[: self.num_decodes], default=0)
+
+
 def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float, latent_freqs: torch.Tensor | None = None) -> torch.Tensor:
-    """One new token per request, all requests at once: query (B, H, r3) -> (B, H, rt3)."""
-    max_len = int(seq_lens.max())
+                     seq_lens: torch.Tensor, scale: float, latent_freqs: torch.Tensor | None = None,
+                     max_len: int | None = None) -> torch.Tensor:
+    """One new token per request, all requests at once: query (B, H, r3) -> (B, H, rt3).
+    `max_len` (at least the longest context) spares reading it from the device."""
+    max_len = int(seq_lens.max()) if max_len is None else max_len
     rows = gather_rows(kv_cache, block_table, max_len).to(query.dtype)  # (B, L, W)
     keys, values = keys_values(rows, query.shape[-1], latent_freqs)
     scores = torch.einsum("bhr,blr->bhl", query, keys) * scale
@@ -70,28 +101,25 @@ def prefill_attention(query: torch.Tensor, rows: torch.Tensor, scale: float,
     return out[0].transpose(0, 1)
 
 
-def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
-                    seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float,
+def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, batch: PagedBatch, scale: float,
                     out: torch.Tensor, latent_freqs: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of every scheduled token over its request's cached latents (cache already written).
 
-    query (T, H, r3) -> out (T, H, rt3). Requests with one query token are decoded together in one
-    batched computation; longer ones (prefill, chunked prefill over a cached prefix) one by one.
+    query (T, H, r3) -> out (T, H, rt3). The decodes are computed together in one batched
+    computation; longer queries (prefill, chunked prefill over a cached prefix) one by one.
     """
-    q_lens = query_start_loc[1:] - query_start_loc[:-1]
-    single = torch.nonzero(q_lens == 1).flatten()
-    if single.numel():
-        tokens = query_start_loc[single].long()
-        out[tokens] = decode_attention(query[tokens], kv_cache, block_table[single], seq_lens[single],
-                                       scale, latent_freqs).to(out.dtype)
-    prefill_each(query, kv_cache, query_start_loc, seq_lens, block_table, scale, out, latent_freqs)
+    d = batch.num_decodes
+    if d:
+        out[:d] = decode_attention(query[:d], kv_cache, batch.block_table[:d], batch.seq_lens[:d], scale,
+                                   latent_freqs, batch.max_decode_len).to(out.dtype)
+    prefill_each(query, kv_cache, batch, scale, out, latent_freqs)
     return out
 
 
-def prefill_each(query, kv_cache, query_start_loc, seq_lens, block_table, scale, out, latent_freqs=None) -> None:
-    """Requests with more than one new token, one at a time (SDPA with the causal offset mask)."""
-    q_lens = query_start_loc[1:] - query_start_loc[:-1]
-    for i in torch.nonzero(q_lens > 1).flatten().tolist():
-        start, end, ctx = int(query_start_loc[i]), int(query_start_loc[i + 1]), int(seq_lens[i])
-        rows = gather_rows(kv_cache, block_table[i: i + 1], ctx)[0]
+def prefill_each(query, kv_cache, batch: PagedBatch, scale, out, latent_freqs=None) -> None:
+    """The requests after the decodes, one at a time (SDPA with the causal offset mask)."""
+    starts = batch.query_start_loc
+    for i in range(batch.num_decodes, len(batch.context_lens)):
+        start, end, ctx = starts[i], starts[i + 1], batch.context_lens[i]
+        rows = gather_rows(kv_cache, batch.block_table[i: i + 1], ctx)[0]
         out[start:end] = prefill_attention(query[start:end], rows, scale, latent_freqs).to(out.dtype)

@@ -92,17 +92,20 @@ if triton is not None:
 
 
 def paged_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                 scale: float, latent_freqs: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+                 scale: float, latent_freqs: torch.Tensor | None = None, num_splits: int | None = None,
+                 max_len: int | None = None) -> torch.Tensor:
     """query (B, H, r3) over each request's cached latents -> (B, H, rt3).
 
     kv_cache (num_blocks, 1, block_size, W): rows [rotated key r3 | value rt3], or with
     `latent_freqs` (shared latent) unrotated latents of width r3 that serve as key and value.
+    `max_len` (at least the longest context) sizes the split-KV work; without it, the block
+    table's width does (vLLM pads that to max_model_len).
     """
     B, H, r3 = query.shape
     block_size, width = kv_cache.shape[2], kv_cache.shape[3]
     shared = latent_freqs is not None
     rt3 = r3 if shared else width - r3
-    max_blocks = block_table.shape[1]
+    max_blocks = block_table.shape[1] if max_len is None else max(1, -(-max_len // block_size))
     if num_splits is None:  # enough programs to fill ~128 streaming multiprocessors
         num_splits = max(1, min(max_blocks, -(-128 // max(B, 1))))
     per_split = -(-max_blocks // num_splits)
