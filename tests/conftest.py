@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-from tucker_server.loadgen import free_port, wait_for_http  # noqa: F401 (test modules import them from here)
+from tucker_bench.serving import free_port, wait_for_http  # noqa: F401 (test modules import them from here)
 
 _RUN_DIR = tempfile.mkdtemp(prefix="tucker-test-")
 
@@ -77,7 +77,7 @@ def serve_process(folder, log_path, *args, env=None):
     import sys
 
     port = free_port()
-    cmd = [sys.executable, "-m", "tucker_serve.cli", "serve", "--model", str(folder), "--port", str(port), *args]
+    cmd = [sys.executable, "-m", "tucker_cli", "serve", "--model", str(folder), "--port", str(port), *args]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         try:

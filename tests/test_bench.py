@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 def test_quick_bench_reports_capacity_speed_and_quality(converted, tmp_path):
     out = tmp_path / "bench"
     shutil.copytree(converted(2.0), out / "models" / "x2")  # the session's conversion; bench reuses it
-    cmd = [sys.executable, "-m", "tucker_serve.cli", "bench", "--quick", "--kv-ratios", "2",
+    cmd = [sys.executable, "-m", "tucker_cli", "bench", "--quick", "--kv-ratios", "2",
            "--contexts", "128", "--batch-sizes", "1,4", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -56,3 +56,25 @@ def test_dtype_bytes(dtype, size):
 def test_unknown_dtype_is_rejected():
     with pytest.raises(ValueError, match="unknown dtype 'int3'"):
         cl.dtype_bytes("int3")
+
+
+def test_layout_of_a_tucker_config():
+    from tiny_checkpoint import tiny_config
+
+    layout = cl.model_layout(tiny_config(), "float32")
+    assert (layout.width, layout.source_width, layout.num_layers) == (32, 128, 2)  # r3 + rt3 = 12 + 20
+    assert layout.bytes_per_token == 2 * 32 * 4 and layout.compression_ratio == 4.0
+    shared = cl.model_layout(tiny_config(shared_latent=True), "bfloat16")
+    assert shared.width == 12 and shared.bytes_per_token_per_layer == 24
+
+
+def test_layout_of_a_source_config_is_its_gqa_or_mla_cache():
+    smollm2 = {"num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3}
+    layout = cl.model_layout(smollm2, "fp8")
+    assert (layout.width, layout.source_width, layout.compression_ratio) == (384, 384, 1.0)
+    assert layout.bytes_per_token == 30 * 384
+    explicit_head_dim = {**smollm2, "head_dim": 128}
+    assert cl.model_layout(explicit_head_dim, "float32").width == 2 * 3 * 128
+    mla = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "kv_lora_rank": 512,
+           "qk_rope_head_dim": 64}
+    assert cl.model_layout(mla, "bfloat16").width == 576

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tucker_serve.cli import main
+from tucker_cli import main
 
 SCRIPT = shutil.which("tucker-serve", path=str(Path(sys.executable).parent))
 

@@ -9,7 +9,7 @@ import pytest
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tucker_serve.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tucker_cli", *args], capture_output=True, text=True,
                           timeout=600)
 
 

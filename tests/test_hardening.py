@@ -3,6 +3,7 @@ fuzzing from the OpenAPI schema, bad bodies, security. Loops are bounded in coun
 
 import asyncio
 import json
+import re
 import signal
 import time
 
@@ -25,7 +26,8 @@ def server(converted, tmp_path_factory):
     # 0.02 GiB holds about 900 tokens in 128-token blocks: long prompts exhaust it.
     # The key comes from the environment, as in a container.
     with serve_process(converted(2.0), log_path, "--max-model-len", "256", "--kv-cache-gb", "0.02",
-                       "--max-num-seqs", "8", "--served-model-name", NAME, env={"TUCKER_API_KEY": KEY}) as running:
+                       "--served-model-name", NAME, "--", "--max-num-seqs", "8",
+                       env={"TUCKER_API_KEY": KEY}) as running:
         yield running
 
 
@@ -131,19 +133,21 @@ def test_oversized_and_malformed_bodies_are_4xx(server):
 
     chunked = httpx.post(url, content=chunks(), headers={**HEADERS, "Content-Type": "application/json"})
     assert chunked.status_code == 413
-    bad_utf8 = httpx.post(url, content=b'{"model": "\xff\xfe", "prompt": "x"}',
-                          headers={**HEADERS, "Content-Type": "application/json"})
-    assert bad_utf8.status_code == 400 and "error" in bad_utf8.json()
-    form = httpx.post(url, data={"model": NAME, "prompt": "x"}, headers=HEADERS)
-    assert form.status_code == 415
-    text = httpx.post(url, content=b"hello", headers={**HEADERS, "Content-Type": "text/plain"})
-    assert text.status_code == 415
+    for bad in (httpx.post(url, content=b'{"model": "\xff\xfe", "prompt": "x"}',
+                           headers={**HEADERS, "Content-Type": "application/json"}),
+                httpx.post(url, content=b'{"model": ', headers={**HEADERS, "Content-Type": "application/json"}),
+                httpx.post(url, data={"model": NAME, "prompt": "x"}, headers=HEADERS),
+                httpx.post(url, content=b"hello", headers={**HEADERS, "Content-Type": "text/plain"})):
+        assert bad.status_code == 400, bad.text
+        assert set(bad.json()["error"]) >= {"message", "type", "code"}
 
 
 def test_api_key_guards_every_route_but_health_and_metrics(server):
     app_routes = httpx.get(f"{server['url']}/openapi.json", headers=HEADERS).json()["paths"]
+    assert len(app_routes) >= 20  # vLLM's whole API, ours among it
+    assert "/v1/memory" in app_routes
     for path, methods in app_routes.items():
-        concrete = path.replace("{model}", NAME)
+        concrete = re.sub(r"\{[^}]+\}", "x", path)
         for method in methods:
             response = httpx.request(method.upper(), f"{server['url']}{concrete}", timeout=30,
                                      headers={"Content-Type": "application/json"}, content=b"{}")
@@ -171,7 +175,10 @@ def test_fuzzed_requests_never_get_a_5xx(server):
                   database=None)
         def check(case):
             response = case.call(headers=HEADERS, timeout=120)
-            assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:300])
+            # 501 is vLLM's deliberate answer for an API the model lacks (e.g. /v1/systemone), not a crash
+            unsupported = response.status_code == 501 and "does not support" in response.text
+            assert response.status_code < 500 or unsupported, (
+                case.method, case.path, response.status_code, response.text[:300])
 
         check()
 

@@ -1,18 +1,24 @@
-"""The HTTP server against a real uvicorn on 127.0.0.1, driven by the official openai client,
-scraped by a real Prometheus."""
+"""`tucker-serve serve` is vLLM's OpenAI server plus our plugins: real uvicorn on 127.0.0.1, driven by
+vLLM's own benchmark client and the official openai client, scraped by a real Prometheus."""
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import time
 import urllib.request
 
 import httpx
 import openai
+import psutil
 import pytest
+import torch
 
 from conftest import free_port, serve_process, wait_for_http
+from tucker_bench.serving import vllm_benchmark
+from tucker_serve.model import TuckerLlama
 from tucker_serve.sources import load_tokenizer
 
 pytestmark = [pytest.mark.server, pytest.mark.vllm, pytest.mark.slow]
@@ -30,7 +36,7 @@ def server(converted, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{server['port']}/v1", api_key=KEY, max_retries=0)
+    return openai.OpenAI(base_url=f"{server['url']}/v1", api_key=KEY, max_retries=0)
 
 
 @pytest.fixture(scope="module")
@@ -40,130 +46,125 @@ def tokenizer(server):
 
 def get(server, path, key=KEY):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.get(f"http://127.0.0.1:{server['port']}{path}", headers=headers, timeout=30)
+    return httpx.get(f"{server['url']}{path}", headers=headers, timeout=30)
+
+
+def post(server, path, body, key=KEY):
+    return httpx.post(f"{server['url']}{path}", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120)
 
 
 def prometheus_text(server) -> dict[str, float]:
+    """Samples of /metrics by name, labels dropped (one model, one engine)."""
     samples = {}
     for line in get(server, "/metrics").text.splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
+            samples.setdefault(name.split("{")[0], float(value))
     return samples
 
 
-def test_completion_usage_counts_the_tokens_returned(client):
-    out = client.completions.create(model=NAME, prompt="The capital of France is", max_tokens=12,
-                                    temperature=0, logprobs=1)
-    choice = out.choices[0]
-    assert out.object == "text_completion" and out.model == NAME
-    assert out.usage.completion_tokens == len(choice.logprobs.tokens) <= 12
-    assert "".join(choice.logprobs.tokens) == choice.text
-    assert out.usage.prompt_tokens == 5 and out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
-    assert choice.finish_reason in ("stop", "length")
+@pytest.mark.parametrize("backend", ["openai", "openai-chat"])
+def test_vllm_benchmark_client_completes_every_request(server, backend):
+    # openai-chat sends message content as a list of parts; both send vLLM's sampling extras
+    result = vllm_benchmark(server["url"], NAME, server["folder"], backend=backend, api_key=KEY,
+                            input_len=64, output_len=16, num_prompts=8, concurrency=4)
+    assert (result["completed"], result["failed"]) == (8, 0)
+    assert result["total_output_tokens"] == 8 * 16
 
 
-def test_completion_accepts_token_ids_lists_and_echo(client, tokenizer):
-    ids = [tokenizer("Hello world").input_ids, tokenizer("One two").input_ids]
-    out = client.completions.create(model=NAME, prompt=ids, max_tokens=3, temperature=0, echo=True)
-    assert [c.index for c in out.choices] == [0, 1]
-    assert out.choices[0].text.startswith("Hello world") and out.choices[1].text.startswith("One two")
-    assert out.usage.prompt_tokens == len(ids[0]) + len(ids[1])
-    texts = client.completions.create(model=NAME, prompt=["Hello world", "One two"], max_tokens=3, temperature=0)
-    assert [c.text for c in texts.choices] == [c.text[len(p):] for c, p in zip(out.choices, ["Hello world", "One two"])]
+def test_chat_accepts_content_parts_and_explicit_nulls(client):
+    text = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=12,
+        temperature=0)
+    parts = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}],
+        max_tokens=12, temperature=0, top_p=None, seed=None, stop=None, presence_penalty=None)
+    assert parts.choices[0].message.content == text.choices[0].message.content
+    assert parts.usage.prompt_tokens == text.usage.prompt_tokens
 
 
-def test_streamed_completion_equals_the_plain_one(client):
+def test_completion_takes_vllm_sampling_extras_and_empty_logit_bias(client):
+    out = client.completions.create(
+        model=NAME, prompt="The capital of France is", max_tokens=10, temperature=0.7, seed=3, logit_bias={},
+        extra_body={"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.1, "ignore_eos": True, "min_tokens": 10})
+    assert out.usage.completion_tokens == 10 and out.choices[0].finish_reason == "length"
+
+
+def test_json_object_response_format_returns_a_json_object(client):
+    out = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": 'Reply with JSON: {"city": "Paris"}'}],
+        response_format={"type": "json_object"}, max_tokens=40, temperature=0)
+    assert isinstance(json.loads(out.choices[0].message.content), dict)
+
+
+def test_echo_logprobs_give_lm_eval_loglikelihoods(client, server, tokenizer):
+    # lm-eval's completions loglikelihood request: token ids, echo, one extra token, top-1 logprobs
+    context, continuation = tokenizer("The capital of France is").input_ids, tokenizer(" Paris").input_ids
+    ids = context + continuation
+    out = client.completions.create(model=NAME, prompt=[ids], max_tokens=1, logprobs=1, echo=True, temperature=0)
+    lp = out.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None
+    got = sum(lp.token_logprobs[len(context):-1])
+    with torch.no_grad():
+        logits = TuckerLlama.from_pretrained(server["folder"])(torch.tensor([ids]))[0].log_softmax(-1)
+    want = sum(logits[p - 1, ids[p]].item() for p in range(len(context), len(ids)))
+    assert got == pytest.approx(want, abs=1e-3)
+
+
+def test_stream_with_usage_equals_the_plain_completion(client):
     kwargs = dict(model=NAME, prompt="Anarchism is a political philosophy that", max_tokens=16, temperature=0)
     plain = client.completions.create(**kwargs)
     chunks = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
-    text = "".join(c.choices[0].text for c in chunks if c.choices)
-    assert text == plain.choices[0].text
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == plain.choices[0].finish_reason
 
 
-def test_chat_uses_the_chat_template(client, tokenizer):
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
-    out = client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0)
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    prompt = tokenizer(text, add_special_tokens=False).input_ids
-    assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
-    assert out.usage.prompt_tokens == len(prompt)
-    assert 1 <= out.usage.completion_tokens <= 20 and out.choices[0].message.content
+def test_tokenize_and_detokenize_round_trip(server, tokenizer):
+    tokens = post(server, "/tokenize", {"model": NAME, "prompt": "Hello world"}).json()["tokens"]
+    assert tokens == tokenizer("Hello world").input_ids
+    assert post(server, "/detokenize", {"model": NAME, "tokens": tokens}).json()["prompt"] == "Hello world"
 
 
-def test_streamed_chat_equals_the_plain_one_and_ends_with_done(client, server):
-    messages = [{"role": "user", "content": "Name three colours."}]
-    plain = client.chat.completions.create(model=NAME, messages=messages, max_tokens=16, temperature=0)
-    chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=16, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
-    assert chunks[0].choices[0].delta.role == "assistant"
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == plain.choices[0].message.content
-    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
-    raw = httpx.post(f"http://127.0.0.1:{server['port']}/v1/chat/completions", timeout=60,
-                     headers={"Authorization": f"Bearer {KEY}"},
-                     json={"model": NAME, "messages": messages, "max_tokens": 4, "stream": True})
-    events = [line for line in raw.text.splitlines() if line.startswith("data: ")]
-    assert events[-1] == "data: [DONE]" and raw.headers["content-type"].startswith("text/event-stream")
+def test_responses_api_answers(client):
+    out = client.responses.create(model=NAME, input="What is the capital of France?", max_output_tokens=12,
+                                  temperature=0)
+    assert out.output_text and 1 <= out.usage.output_tokens <= 12
 
 
-def test_n_samples_are_indexed_and_counted(client):
-    out = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=8, n=3,
-                                    temperature=1.0, seed=7, logprobs=0)
-    assert sorted(c.index for c in out.choices) == [0, 1, 2]
-    assert out.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in out.choices)
-
-
-def test_stop_string_ends_the_completion(client):
-    out = client.completions.create(model=NAME, prompt="1, 2, 3, 4, 5,", max_tokens=30, temperature=0, stop=[" 8"])
-    assert " 8" not in out.choices[0].text
-    assert out.choices[0].finish_reason == "stop"
-
-
-@pytest.mark.parametrize("kwargs,param", [
-    ({"max_tokens": -1}, "max_tokens"),
-    ({"temperature": -0.5}, "temperature"),
-    ({"top_p": 0}, "top_p"),
-    ({"max_tokens": 600}, "max_tokens"),  # beyond the 512-token context
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "n": 3, "temperature": 0}),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "stop": [""]}),
+    ("/v1/completions", {"prompt": "", "max_tokens": 4}),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 600}),  # beyond the 512-token context
+    ("/v1/completions", {"prompt": "word " * 600, "max_tokens": 1}),
+    ("/v1/completions", {"prompt": "Hi", "temperature": -1}),
+    ("/v1/completions", {"prompt": [[10**9]], "max_tokens": 1}),  # token id outside the vocabulary
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "chat_template": "{% if %}"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": True,
+                              "continue_final_message": True}),
+    ("/v1/chat/completions", {"messages": []}),
+    ("/v1/completions", {"model": "gpt-9", "prompt": "Hi"}),
 ])
-def test_invalid_fields_are_400_with_the_param(client, kwargs, param):
-    with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model=NAME, prompt="Hi", **kwargs)
-    assert err.value.status_code == 400
-    assert err.value.body["param"] == param
+def test_client_mistakes_are_4xx_in_openai_error_shape(server, path, body):
+    response = post(server, path, {"model": NAME, **body})
+    assert 400 <= response.status_code < 500, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"] and error["code"] == response.status_code
 
 
-def test_prompt_longer_than_context_is_400(client):
-    with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model=NAME, prompt="word " * 600, max_tokens=1)
-    assert err.value.body["code"] == "context_length_exceeded"
-
-
-def test_unknown_field_and_malformed_json_are_400(server):
-    url = f"http://127.0.0.1:{server['port']}/v1/completions"
-    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-    extra = httpx.post(url, headers=headers, json={"model": NAME, "prompt": "x", "bogus": 1})
-    assert extra.status_code == 400 and extra.json()["error"]["param"] == "bogus"
-    broken = httpx.post(url, headers=headers, content=b'{"model": ')
-    assert broken.status_code == 400
-    assert set(broken.json()["error"]) == {"message", "type", "param", "code"}
-
-
-def test_unknown_model_is_404(client):
-    with pytest.raises(openai.NotFoundError) as err:
-        client.completions.create(model="gpt-9", prompt="Hi", max_tokens=1)
-    assert err.value.body["code"] == "model_not_found"
-
-
-def test_api_key_is_required_except_for_health(server):
-    port = server["port"]
-    bad = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0)
+def test_api_key_is_required_except_for_health_and_metrics(server):
+    bad = openai.OpenAI(base_url=f"{server['url']}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
-    assert get(server, "/v1/models", key=None).status_code == 401
+    for path in ("/v1/models", "/v1/memory", "/tokenize", "/version", "/load"):
+        assert get(server, path, key=None).status_code == 401, path
     assert get(server, "/health", key=None).status_code == 200
+    assert get(server, "/metrics", key=None).status_code == 200
+
+
+def test_models_lists_the_served_model_with_its_folder_as_root(client, server):
+    (model,) = client.models.list().data
+    assert model.id == NAME and model.root == str(server["folder"])
 
 
 def test_dockerfile_healthcheck_command_passes_against_the_server(server):
@@ -177,39 +178,46 @@ def test_dockerfile_healthcheck_command_passes_against_the_server(server):
     assert subprocess.run(command, env=env, timeout=30, capture_output=True).returncode != 0
 
 
-def test_models_lists_the_served_model(client):
-    assert [m.id for m in client.models.list().data] == [NAME]
-
-
-def test_metrics_agree_with_memory_document(server):
+def test_memory_document_and_tucker_gauges_agree_next_to_vllm_metrics(server, client):
+    client.completions.create(model=NAME, prompt="Hello", max_tokens=2)
     memory = get(server, "/v1/memory").json()
     samples = prometheus_text(server)
-    assert memory["compression_ratio"] == pytest.approx(2.0)
+    assert memory["compression_ratio"] == pytest.approx(2.0) and memory["cache_dtype"] == "float32"
     assert samples["tucker_kv_compression_ratio"] == pytest.approx(memory["compression_ratio"])
     assert samples["tucker_kv_bytes_per_token"] == memory["bytes_per_token"] == 30 * 192 * 4
     assert samples["tucker_kv_source_bytes_per_token"] == memory["source_bytes_per_token"] == 30 * 384 * 4
     assert samples["tucker_kv_blocks_total"] == memory["blocks_total"]
     assert samples["tucker_kv_capacity_tokens"] == memory["capacity_tokens"] == memory["blocks_total"] * memory["block_size"]
-    assert samples["tucker_generation_tokens_total"] > 0 and samples["tucker_prompt_tokens_total"] > 0
-    assert samples["tucker_time_to_first_token_seconds_count"] > 0
+    assert samples["vllm:generation_tokens_total"] > 0 and samples["vllm:prompt_tokens_total"] > 0
+
+
+def test_every_metric_the_grafana_dashboard_queries_is_served(server):
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "deploy/grafana/dashboards/kv-memory.json")
+                           .read_text())
+    queried = {m for p in dashboard["panels"] for t in p["targets"]
+               for m in re.findall(r"tucker_\w+|vllm:\w+", t["expr"])}
+    served = set(prometheus_text(server))
+    assert len(queried) >= 15 and {m for m in queried if m.startswith("tucker_")} >= {
+        "tucker_kv_bytes_per_token", "tucker_kv_compression_ratio", "tucker_kv_blocks_used"}
+    assert queried <= served, queried - served
 
 
 def test_disconnect_aborts_the_request_and_frees_its_blocks(server):
-    url = f"http://127.0.0.1:{server['port']}/v1/completions"
     body = {"model": NAME, "prompt": "Tell a long story.", "max_tokens": 400, "stream": True, "temperature": 0}
-    with httpx.stream("POST", url, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+    with httpx.stream("POST", f"{server['url']}/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
-        assert get(server, "/v1/memory").json()["usage"] > 0 or prometheus_text(server)["tucker_requests_running"] >= 1
+        time.sleep(1)
+        assert prometheus_text(server)["vllm:num_requests_running"] == 1
+        assert get(server, "/v1/memory").json()["blocks_used"] >= 1
     deadline = time.time() + 20
-    while time.time() < deadline:
-        samples = prometheus_text(server)
-        if samples["tucker_requests_running"] == 0 and get(server, "/v1/memory").json()["blocks_used"] == 0:
-            break
+    while time.time() < deadline and get(server, "/v1/memory").json()["blocks_used"]:
         time.sleep(0.5)
-    assert samples["tucker_requests_running"] == 0
+    assert prometheus_text(server)["vllm:num_requests_running"] == 0
     assert get(server, "/v1/memory").json()["blocks_used"] == 0
-    assert samples["tucker_client_disconnects_total"] >= 1
 
 
 @pytest.fixture(scope="module")
@@ -235,13 +243,35 @@ def prometheus(server, tmp_path_factory):
             proc.wait(timeout=30)
 
 
-def test_prometheus_scrapes_the_compression_ratio(server, prometheus):
-    query = f"http://127.0.0.1:{prometheus}/api/v1/query?query=tucker_kv_compression_ratio"
-    deadline = time.time() + 30
-    result = []
+def query_prometheus(port: int, query: str) -> list:
+    deadline, result = time.time() + 30, []
     while time.time() < deadline and not result:
-        with urllib.request.urlopen(query, timeout=5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/query?query={query}", timeout=5) as r:
             result = json.load(r)["data"]["result"]
         time.sleep(1)
-    assert result, "Prometheus never scraped tucker_kv_compression_ratio"
-    assert float(result[0]["value"][1]) == pytest.approx(get(server, "/v1/memory").json()["compression_ratio"])
+    return result
+
+
+def test_prometheus_scrapes_tucker_and_vllm_metrics(server, prometheus):
+    ratio = query_prometheus(prometheus, "tucker_kv_compression_ratio")
+    assert ratio, "Prometheus never scraped tucker_kv_compression_ratio"
+    assert float(ratio[0]["value"][1]) == pytest.approx(get(server, "/v1/memory").json()["compression_ratio"])
+    assert ratio[0]["metric"]["model_name"] == NAME
+    assert query_prometheus(prometheus, "vllm:kv_cache_usage_perc"), "no vllm:* metric scraped"
+
+
+def test_engine_failure_mid_stream_ends_with_an_error_event_and_done(server):
+    """Last in this module: it kills the engine, and the server then exits."""
+    body = {"model": NAME, "prompt": "Tell a long story.", "max_tokens": 400, "stream": True}
+    with httpx.stream("POST", f"{server['url']}/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        lines = r.iter_lines()
+        assert json.loads(next(lines)[6:])["choices"]
+        engines = [p for p in psutil.Process(server["proc"].pid).children(recursive=True) if "EngineCore" in p.name()]
+        assert len(engines) == 1
+        engines[0].send_signal(signal.SIGKILL)
+        events = [line for line in lines if line]
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][6:])["error"]
+    assert error["code"] == 500 and "EngineCore" in error["message"]
+    assert server["proc"].wait(timeout=60) is not None

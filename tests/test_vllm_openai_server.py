@@ -1,50 +1,68 @@
-"""vLLM's own OpenAI server loads a Tucker checkpoint through the plugin entry point."""
+"""vLLM's own OpenAI server, started directly, loads a Tucker checkpoint through the plugin entry point
+and, with VLLM_PLUGINS=tucker, serves /v1/memory and the tucker_kv_* gauges; a model that is not
+Tucker gets its own figures (compression 1.0)."""
 
 import os
 import subprocess
 import sys
 
+import httpx
 import pytest
 import torch
 
 from conftest import free_port, wait_for_http
-from tucker_serve.model import TuckerLlama
-from tucker_serve.sources import load_tokenizer
+from tucker_serve.evaluate import load_lm
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def server(converted, tmp_path_factory):
-    folder = converted(2.0)
+@pytest.fixture(scope="module", params=["tucker", "source"])
+def server(request, converted, smollm2, tmp_path_factory):
+    folder = converted(2.0) if request.param == "tucker" else smollm2.folder
     port = free_port()
     log = open(tmp_path_factory.mktemp("vllm-api") / "server.log", "w")
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {**os.environ, "VLLM_PLUGINS": "tucker"}
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
          "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-         "--max-model-len", "512"],
+         "--max-model-len", "512", "--kv-cache-memory-bytes", str(2**28)],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", proc)
-        yield folder, port
+        yield request.param, folder, f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(timeout=60)
         log.close()
 
 
+def test_memory_document_and_gauges_describe_the_model(server):
+    kind, folder, url = server
+    memory = httpx.get(f"{url}/v1/memory", timeout=10).json()
+    width = 192 if kind == "tucker" else 384  # SmolLM2: 3 KV heads x 64 x (K, V); 2x Tucker: r3 + rt3
+    assert memory["kv_width_per_token_per_layer"] == width
+    assert memory["bytes_per_token"] == 30 * width * 4 and memory["source_bytes_per_token"] == 30 * 384 * 4
+    assert memory["compression_ratio"] == (2.0 if kind == "tucker" else 1.0)
+    assert memory["capacity_tokens"] == memory["blocks_total"] * memory["block_size"]
+    # vLLM sized the cache from the same budget: its block count follows the bytes formula
+    assert memory["capacity_tokens"] == pytest.approx(2**28 / memory["bytes_per_token"], rel=0.02)
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    ratio = [line for line in metrics.splitlines() if line.startswith("tucker_kv_compression_ratio{")]
+    assert len(ratio) == 1 and float(ratio[0].split()[-1]) == memory["compression_ratio"]
+    assert "vllm:kv_cache_usage_perc{" in metrics
+
+
 def test_completion_from_vllm_api_server_equals_reference_greedy_text(server):
     import openai
 
-    folder, port = server
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    kind, folder, url = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
     prompt = "The capital of France is"
     out = client.completions.create(model=str(folder), prompt=prompt, max_tokens=8, temperature=0)
-    tok = load_tokenizer(folder)
+    reference, tok, _ = load_lm(str(folder))  # the reference TuckerLlama, or transformers for the source
     ids = tok(prompt).input_ids
-    reference = TuckerLlama.from_pretrained(folder)
     with torch.no_grad():
         for _ in range(8):
             ids.append(int(reference(torch.tensor([ids]))[0, -1].argmax()))

@@ -7,6 +7,7 @@ plugin, the metrics, the benchmark and the docs all import these functions.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 _DTYPE_BYTES = {
     "float32": 4, "fp32": 4, "float": 4,
@@ -98,3 +99,45 @@ def tucker_params(hidden: int, num_heads: int, ranks, post_ranks=None, shared_la
 def param_bytes(params_per_layer: int, num_layers: int, dtype) -> int:
     """Bytes of attention weights over the model."""
     return params_per_layer * num_layers * dtype_bytes(dtype)
+
+
+@dataclass(frozen=True)
+class MemoryLayout:
+    """What one token costs in a model's KV cache, and in its source model's, in one cache dtype."""
+
+    num_layers: int
+    width: int  # numbers cached per token per layer
+    source_width: int
+    dtype: str  # the cache's element type
+
+    @property
+    def bytes_per_token_per_layer(self) -> int:
+        return self.width * dtype_bytes(self.dtype)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self.width, self.num_layers, self.dtype)
+
+    @property
+    def source_bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self.source_width, self.num_layers, self.dtype)
+
+    @property
+    def compression_ratio(self) -> float:
+        return compression_ratio(self.source_width, self.width)
+
+
+def model_layout(config: dict, dtype) -> MemoryLayout:
+    """The cache layout a config.json describes: the Tucker latent, an MLA latent, or K and V per KV head."""
+    layers = config["num_hidden_layers"]
+    t = config.get("tucker")
+    if t:
+        return MemoryLayout(layers, tucker_kv_width(t["r3"], t["rt3"], t.get("shared_latent", False)),
+                            t["source_kv_width"], str(dtype))
+    if config.get("kv_lora_rank"):
+        width = mla_kv_width(config["kv_lora_rank"], config.get("qk_rope_head_dim", 0))
+    else:
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        width = gqa_kv_width(config.get("num_key_value_heads") or heads, head_dim)
+    return MemoryLayout(layers, width, width, str(dtype))

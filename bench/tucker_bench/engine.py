@@ -1,5 +1,5 @@
 """`tucker-serve bench`: memory, decode speed and quality of the source model and its Tucker
-conversions, measured in one run through the real engine (AsyncLLM via the engine client).
+conversions, measured in one run through the real engine (vLLM's AsyncLLM).
 
 Per variant: bytes per token (formula module), the capacity and concurrency vLLM allocates for the
 same cache budget, decode throughput and time per output token at each batch size and context
@@ -69,13 +69,13 @@ def variants(opt: BenchOptions, progress: bool) -> list[Variant]:
     return found
 
 
-async def decode_rate(engine, batch: int, ctx: int, new_tokens: int, seed: int) -> dict:
+async def decode_rate(engine, vocab: int, batch: int, ctx: int, new_tokens: int, seed: int) -> dict:
     """Tokens/s and time per output token while every request of the batch is decoding."""
     import torch
     from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 
-    vocab = len(engine.tokenizer)
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(100, vocab - 100, (batch, ctx), generator=g).tolist()  # unique per request
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True,
@@ -84,7 +84,7 @@ async def decode_rate(engine, batch: int, ctx: int, new_tokens: int, seed: int) 
     tag = uuid.uuid4().hex[:8]
 
     async def one(i: int) -> None:
-        async for out in engine.generate(prompts[i], params, f"bench-{tag}-{i}"):
+        async for out in engine.generate(TokensPrompt(prompt_token_ids=prompts[i]), params, f"bench-{tag}-{i}"):
             now = time.perf_counter()
             arrivals[i].extend([now] * len(out.outputs[0].token_ids))
 
@@ -100,28 +100,42 @@ async def decode_rate(engine, batch: int, ctx: int, new_tokens: int, seed: int) 
             "tpot_ms": 1000 * window / (tokens / batch), "wall_s": time.perf_counter() - start}
 
 
+def start_engine(folder: Path, name: str, max_len: int, kv_cache_gb: float):
+    """vLLM's AsyncLLM on a model folder, as `tucker-serve serve` configures it (float32, eager)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from tucker_server.launcher import configure_cpu
+
+    configure_cpu(1)
+    args = AsyncEngineArgs(model=str(folder), served_model_name=[name], dtype="float32", max_model_len=max_len,
+                           enforce_eager=True, kv_cache_memory_bytes=int(kv_cache_gb * 2**30), seed=0,
+                           enable_prefix_caching=False)
+    return AsyncLLM.from_engine_args(args)
+
+
 def measure_engine(variant: Variant, opt: BenchOptions, bar) -> None:
-    from tucker_server.engine import EngineClient, EngineSettings
-    from tucker_server.metrics import Metrics
+    from tucker_serve.sources import load_tokenizer
 
     max_len = max(opt.contexts) + opt.new_tokens + 8
-    settings = EngineSettings(model=variant.folder, served_name=variant.name, max_model_len=max_len,
-                              kv_cache_gb=opt.kv_cache_gb, prefix_caching=False)
-    engine = EngineClient(settings, Metrics())
+    engine = start_engine(variant.folder, variant.name, max_len, opt.kv_cache_gb)
+    vocab = len(load_tokenizer(variant.folder))
     try:
-        variant.width, variant.source_width = engine.layout.width, engine.layout.source_width
-        blocks, block = engine.num_blocks, engine.block_size
+        layout = cl.model_layout(json.loads((variant.folder / "config.json").read_text()), "float32")
+        variant.width, variant.source_width = layout.width, layout.source_width
+        cache = engine.vllm_config.cache_config
+        blocks, block = cache.num_gpu_blocks, cache.block_size
         variant.results["capacity_tokens"] = blocks * block
         variant.results["max_concurrency"] = {c: blocks // math.ceil(c / block) for c in opt.contexts}
         variant.results["block_size"] = block
 
         async def run_all():
-            await decode_rate(engine, 1, 16, 4, seed=0)  # warm-up
+            await decode_rate(engine, vocab, 1, 16, 4, seed=0)  # warm-up
             rows = []
             for ctx in opt.contexts:
                 for batch in opt.batch_sizes:
                     fits = batch <= variant.results["max_concurrency"][ctx]
-                    row = await decode_rate(engine, batch, ctx, opt.new_tokens, seed=ctx * 1000 + batch)
+                    row = await decode_rate(engine, vocab, batch, ctx, opt.new_tokens, seed=ctx * 1000 + batch)
                     rows.append({**row, "fits_in_cache": fits})
                     bar.update(1)
             return rows
@@ -149,7 +163,7 @@ def run(opt: BenchOptions, progress: bool = True) -> dict:
         measure_quality(v, opt)
     result = summarize(found, opt)
     if opt.serving:
-        from tucker_server.loadgen import serving_benchmark
+        from tucker_bench.serving import serving_benchmark
 
         tucker = next((v for v in found if v.ratio == opt.serving_ratio), found[-1])
         result["serving"] = serving_benchmark(found[0], tucker, opt)
@@ -201,7 +215,7 @@ def tables(result: dict) -> str:
             out.append(f"| {r['variant']} | {d['batch']} | {d['context']} | {d['tokens_per_s']:.1f}{mark} "
                        f"| {d['speed_vs_source']:.2f} | {d['tpot_ms']:.1f} |")
     if "serving" in result:
-        from tucker_server.loadgen import serving_table
+        from tucker_bench.serving import serving_table
 
         out += ["", serving_table(result["serving"])]
     return "\n".join(out) + "\n"

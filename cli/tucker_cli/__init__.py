@@ -1,4 +1,6 @@
-"""`tucker-serve` command line: one subcommand per job, heavy imports deferred to the handler."""
+"""`tucker-serve` command line: the composition root that wires the core (`tucker_serve`), the vLLM
+server (`tucker_server`) and the benchmarks (`tucker_bench`); one subcommand per job, heavy imports
+deferred to the handler."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import argparse
 import sys
 
 from tucker_serve import cache_layout as cl
+from tucker_server.launcher import add_arguments as add_serve_arguments
 
 MODEL_HELP = "built-in name (smollm2-135m), Hugging Face folder, .gguf file or Tucker folder"
 SCHEMES = "mha:H,D | gqa:G,D | mla:RANK[,ROPE_DIM] | tucker:R3,RT3 | tucker-shared:R3"
@@ -86,7 +89,7 @@ def cmd_heal(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tucker_server.bench import BenchOptions, run
+    from tucker_bench import BenchOptions, run
 
     given = {"model": args.model, "out": Path(args.out), "serving": args.serving}
     for name in ("kv_ratios", "contexts", "batch_sizes"):
@@ -102,34 +105,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def flag(text: str) -> bool:
-    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
-        raise ValueError(text)
-    return text.lower() in ("1", "true", "yes")
-
-
-# serve options that may also come from TUCKER_<NAME> environment variables (containers)
-SERVE_ENV = {"model": str, "kv_ratio": float, "host": str, "port": int, "api_key": str, "max_model_len": int,
-             "kv_cache_gb": float, "dtype": str, "max_num_seqs": int, "served_model_name": str, "log_level": str,
-             "metrics_need_key": flag, "tensor_parallel_size": int}
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
+    from tucker_server.launcher import options_from, run
 
-    from tucker_server.serve import ServeOptions, run
-
-    given = {}
-    for name, kind in SERVE_ENV.items():
-        value, env = getattr(args, name), os.environ.get(f"TUCKER_{name.upper()}")
-        if value is None and env:
-            try:
-                value = kind(env)
-            except ValueError:
-                raise ValueError(f"TUCKER_{name.upper()}={env!r} is not a valid {kind.__name__}") from None
-        if value is not None:
-            given[name] = value
-    return run(ServeOptions(**given))
+    return run(options_from(args), args.passthrough)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,33 +178,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the Tucker ratio the serving benchmark uses (default 2, else the last of --kv-ratios)")
     bench.set_defaults(func=cmd_bench)
 
-    serve = sub.add_parser("serve", help="serve a model over the OpenAI API (default: SmolLM2-135M, Tucker)",
-                           epilog="Every option can also be set as TUCKER_<OPTION> (e.g. TUCKER_API_KEY).")
-    serve.add_argument("--model", help=MODEL_HELP + "; default: smollm2-135m converted (cached)")
-    serve.add_argument("--kv-ratio", type=float, help="convert a source model at this ratio first (cached)")
-    serve.add_argument("--host", help="default 127.0.0.1")
-    serve.add_argument("--port", type=int, help="default 8000")
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
-    serve.add_argument("--metrics-need-key", action="store_true", default=None, help="put /metrics behind the key")
-    serve.add_argument("--max-model-len", type=int, help="context length in tokens (default 2048)")
-    serve.add_argument("--kv-cache-gb", type=float, help="KV-cache size in GiB (default 1)")
-    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32")
-    serve.add_argument("--max-num-seqs", type=int, help="most requests batched at once")
-    serve.add_argument("--served-model-name", help="the model id clients send")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--tensor-parallel-size", type=int, help="GPUs (or CPU ranks) to shard heads over")
+    serve = sub.add_parser(
+        "serve", help="vLLM's OpenAI server with tucker-serve's plugins (default: SmolLM2-135M, Tucker)",
+        usage="tucker-serve serve [options] [-- vLLM server options]",
+        epilog="Other arguments (before or after --) go to vLLM's server unchanged, e.g. "
+               "`tucker-serve serve --kv-ratio 2 -- --enable-prefix-caching --max-num-seqs 64`.")
+    add_serve_arguments(serve)
     serve.set_defaults(func=cmd_serve)
     return parser
 
 
+def split_passthrough(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Our arguments, and what `serve` hands to vLLM: unknown arguments, then everything after `--`."""
+    ours, tail = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args, extra = parser.parse_known_args(ours)
+    if args.command != "serve" and (extra or tail):
+        parser.error(f"unrecognized arguments: {' '.join(extra + tail)}")
+    return args, extra + tail
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, passthrough = split_passthrough(build_parser(), sys.argv[1:] if argv is None else list(argv))
+    args.passthrough = passthrough
     try:
         return args.func(args)
     except ValueError as exc:
         print(f"tucker-serve {args.command}: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,11 +1,15 @@
-"""`tucker-serve serve`: pick or build the model folder, start AsyncLLM, run uvicorn."""
+"""`tucker-serve serve`: resolve or convert the model, then run vLLM's own OpenAI server with our plugins.
+
+`ServeOptions` is the one declaration of serve's own options: their flags, TUCKER_<NAME>
+environment variables, defaults and help all come from its fields. Every other argument goes to
+vLLM's server parser unchanged (`vllm serve` semantics), after ours, so that it wins.
+"""
 
 from __future__ import annotations
 
-import logging
-import signal
-import sys
-from dataclasses import dataclass
+import argparse
+import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from tucker_serve.paths import cache_dir
@@ -13,23 +17,66 @@ from tucker_serve.sources import ModelError, resolve
 
 DEFAULT_SOURCE = "smollm2-135m"
 DEFAULT_RATIO = 1.5
+MIDDLEWARE = "tucker_server.middleware.TuckerMiddleware"
+PLUGIN = "tucker"  # the name of our entry points in every vLLM plugin group
+
+
+def flag(text: str) -> bool:
+    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(text)
+    return text.lower() in ("1", "true", "yes")
+
+
+def option(default, kind, help_: str, **extra):
+    return field(default=default, metadata={"kind": kind, "help": help_, **extra})
 
 
 @dataclass(frozen=True)
 class ServeOptions:
-    model: str | None = None
-    kv_ratio: float | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    metrics_need_key: bool = False
-    max_model_len: int | None = 2048
-    kv_cache_gb: float = 1.0
-    dtype: str = "float32"
-    max_num_seqs: int | None = None
-    served_model_name: str | None = None
-    log_level: str = "info"
-    tensor_parallel_size: int = 1
+    model: str | None = option(None, str, "built-in name (smollm2-135m), Hugging Face folder, .gguf file or "
+                                          "Tucker folder; default: smollm2-135m converted at 1.5x (cached)")
+    kv_ratio: float | None = option(None, float, "convert a source model at this KV compression first (cached)")
+    host: str = option("127.0.0.1", str, "address to listen on")
+    port: int = option(8000, int, "port to listen on")
+    api_key: str | None = option(None, str, "require 'Authorization: Bearer KEY' on every path but /health")
+    metrics_need_key: bool = option(False, flag, "put /metrics behind the key too")
+    max_model_len: int = option(2048, int, "context length in tokens")
+    kv_cache_gb: float = option(1.0, float, "KV-cache size in GiB")
+    dtype: str = option("float32", str, "weights and activations", choices=("float32", "bfloat16", "float16"))
+    served_model_name: str | None = option(None, str, "the model id clients send")
+    tensor_parallel_size: int = option(1, int, "GPUs (or CPU ranks) to shard the heads over")
+
+
+def env_name(name: str) -> str:
+    return f"TUCKER_{name.upper()}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """serve's own flags; defaults stay None so that TUCKER_* variables can fill them."""
+    for f in fields(ServeOptions):
+        meta, flag_name = f.metadata, "--" + f.name.replace("_", "-")
+        help_ = f"{meta['help']} (default {f.default}; env {env_name(f.name)})"
+        if meta["kind"] is flag:
+            parser.add_argument(flag_name, action="store_true", default=None, help=help_)
+        else:
+            parser.add_argument(flag_name, type=meta["kind"], default=None, choices=meta.get("choices"), help=help_)
+
+
+def options_from(args: argparse.Namespace, environ=os.environ) -> ServeOptions:
+    """Flags first, then TUCKER_<NAME> variables, then the defaults."""
+    given = {}
+    for f in fields(ServeOptions):
+        value, env = getattr(args, f.name, None), environ.get(env_name(f.name))
+        if value is None and env:
+            try:
+                value = f.metadata["kind"](env)
+            except ValueError:
+                raise ValueError(f"{env_name(f.name)}={env!r} is not a valid {f.metadata['kind'].__name__}") from None
+            if f.metadata.get("choices") and value not in f.metadata["choices"]:
+                raise ValueError(f"{env_name(f.name)}={env!r} must be one of {', '.join(f.metadata['choices'])}")
+        if value is not None:
+            given[f.name] = value
+    return ServeOptions(**given)
 
 
 def model_folder(opt: ServeOptions) -> tuple[Path, str]:
@@ -54,28 +101,55 @@ def model_folder(opt: ServeOptions) -> tuple[Path, str]:
     return folder, opt.served_model_name or default_name
 
 
-def run(opt: ServeOptions) -> int:
-    import uvicorn
+def vllm_arguments(opt: ServeOptions, folder: Path, name: str) -> list[str]:
+    """vLLM server arguments for our options (pass-through arguments come after and win)."""
+    return ["--model", str(folder), "--served-model-name", name, "--host", opt.host, "--port", str(opt.port),
+            "--dtype", opt.dtype, "--max-model-len", str(opt.max_model_len),
+            "--kv-cache-memory-bytes", str(int(opt.kv_cache_gb * 2**30)),
+            "--tensor-parallel-size", str(opt.tensor_parallel_size),
+            "--enforce-eager", "--shutdown-timeout", "30", "--middleware", MIDDLEWARE]
 
-    from tucker_server.app import create_app
-    from tucker_server.engine import EngineClient, EngineSettings
-    from tucker_server.metrics import Metrics
 
+def plugin_environment(opt: ServeOptions, environ=os.environ) -> None:
+    """Enable our vLLM plugins and configure the middleware, before vLLM reads its environment."""
+    named = [p for p in environ.get("VLLM_PLUGINS", "").split(",") if p]
+    if named and PLUGIN not in named:
+        environ["VLLM_PLUGINS"] = ",".join([*named, PLUGIN])
+    elif not named:
+        environ["VLLM_PLUGINS"] = PLUGIN  # endpoint plugins load only when named
+    for name in ("api_key", "metrics_need_key"):
+        value = getattr(opt, name)
+        environ.pop(env_name(name), None)
+        if value:
+            environ[env_name(name)] = "1" if value is True else str(value)
+    configure_cpu(opt.tensor_parallel_size, environ)
+
+
+def configure_cpu(ranks: int, environ=os.environ) -> None:
+    """vLLM CPU settings: the cache size comes from --kv-cache-memory-bytes (VLLM_CPU_KVCACHE_SPACE
+    would override it in whole GiB); on small machines the ranks share out every core (vLLM's
+    automatic binding keeps one core per rank for its scheduler and wants a NUMA node per rank)."""
+    environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    cores = os.cpu_count() or 1
+    if ranks <= cores <= 4:
+        per = cores // ranks
+        environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(f"{r * per}-{(r + 1) * per - 1}" for r in range(ranks)))
+
+
+def run(opt: ServeOptions, passthrough: list[str]) -> int:
+    """Serve until SIGTERM/SIGINT (in-flight requests drain for up to --shutdown-timeout seconds)."""
     folder, name = model_folder(opt)
-    metrics = Metrics()
-    engine = EngineClient(EngineSettings(
-        model=folder, served_name=name, max_model_len=opt.max_model_len, kv_cache_gb=opt.kv_cache_gb,
-        dtype=opt.dtype, max_num_seqs=opt.max_num_seqs, tensor_parallel_size=opt.tensor_parallel_size), metrics)
-    app = create_app(engine, metrics, opt.api_key, opt.metrics_need_key)
-    logging.getLogger("tucker_server").info("serving %s (%s) on http://%s:%d", name, folder, opt.host, opt.port)
-    # uvicorn drains in-flight requests on SIGTERM/SIGINT, then re-raises the signal against the
-    # handlers it found: make those end the process with status 0 after our engine shutdown.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: sys.exit(0))
-    try:
-        # no access log: the server never logs request bodies, and keeps request lines out by default
-        uvicorn.run(app, host=opt.host, port=opt.port, log_level=opt.log_level, access_log=False,
-                    timeout_graceful_shutdown=30)
-    finally:
-        engine.shutdown()
+    plugin_environment(opt)
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    parser = make_arg_parser(FlexibleArgumentParser(prog="tucker-serve serve --", description="vLLM server options"))
+    args = parser.parse_args([*vllm_arguments(opt, folder, name), *passthrough])
+    configure_logging_from_args(args)
+    validate_parsed_serve_args(args)
+    ServeSubcommand.cmd(args)
     return 0

@@ -1,0 +1,5 @@
+import sys
+
+from tucker_cli import main
+
+sys.exit(main())

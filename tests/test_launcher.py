@@ -1,0 +1,69 @@
+"""`tucker-serve serve` without an engine: its options, their TUCKER_* variables, the vLLM arguments
+they become, the plugins it enables, and CPU settings."""
+
+import argparse
+
+import pytest
+
+from tucker_cli import build_parser
+from tucker_server.launcher import (
+    MIDDLEWARE, ServeOptions, add_arguments, configure_cpu, options_from, plugin_environment, vllm_arguments,
+)
+
+
+def parse(*argv, environ=None):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return options_from(parser.parse_args(argv), environ or {})
+
+
+def test_flags_win_over_environment_over_defaults():
+    opt = parse("--kv-ratio", "2", environ={"TUCKER_KV_RATIO": "3", "TUCKER_PORT": "9000", "TUCKER_METRICS_NEED_KEY": "yes"})
+    assert (opt.kv_ratio, opt.port, opt.metrics_need_key, opt.max_model_len) == (2.0, 9000, True, 2048)
+    assert parse() == ServeOptions()
+
+
+@pytest.mark.parametrize("env,needle", [({"TUCKER_PORT": "eighty"}, "TUCKER_PORT='eighty' is not a valid int"),
+                                        ({"TUCKER_DTYPE": "int8"}, "TUCKER_DTYPE='int8' must be one of")])
+def test_bad_environment_values_name_the_variable(env, needle):
+    with pytest.raises(ValueError, match=needle):
+        parse(environ=env)
+
+
+def test_vllm_arguments_carry_our_options_and_the_middleware(tmp_path):
+    args = vllm_arguments(ServeOptions(kv_cache_gb=0.5, port=8123, dtype="bfloat16"), tmp_path, "m")
+    pairs = dict(zip(args[::2], args[1::2]))
+    assert pairs["--model"] == str(tmp_path) and pairs["--served-model-name"] == "m"
+    assert pairs["--kv-cache-memory-bytes"] == str(2**29) and pairs["--port"] == "8123"
+    assert args[args.index("--middleware") + 1] == MIDDLEWARE
+    assert "--shutdown-timeout" in args  # SIGTERM drains in-flight requests
+
+
+def test_unknown_serve_arguments_pass_through_to_vllm_in_order():
+    from tucker_cli import split_passthrough
+
+    args, passthrough = split_passthrough(build_parser(), ["serve", "--kv-ratio", "2", "--max-num-seqs", "64",
+                                                           "--", "--enable-prefix-caching", "--port", "1"])
+    assert args.kv_ratio == 2.0
+    assert passthrough == ["--max-num-seqs", "64", "--enable-prefix-caching", "--port", "1"]
+    with pytest.raises(SystemExit):
+        split_passthrough(build_parser(), ["convert", "--bogus"])
+
+
+def test_plugin_environment_names_our_plugins_and_keys_the_middleware():
+    env = {"VLLM_PLUGINS": "other", "TUCKER_METRICS_NEED_KEY": "1"}
+    plugin_environment(ServeOptions(api_key="k"), env)
+    assert env["VLLM_PLUGINS"] == "other,tucker" and env["TUCKER_API_KEY"] == "k"
+    assert "TUCKER_METRICS_NEED_KEY" not in env  # the option said no
+    fresh = {}
+    plugin_environment(ServeOptions(), fresh)
+    assert fresh["VLLM_PLUGINS"] == "tucker" and "TUCKER_API_KEY" not in fresh
+
+
+@pytest.mark.parametrize("cores,ranks,expected", [(2, 1, "0-1"), (2, 2, "0-0|1-1"), (4, 2, "0-1|2-3"), (16, 1, None)])
+def test_cpu_binding_shares_small_machines_between_ranks(monkeypatch, cores, ranks, expected):
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    env = {"VLLM_CPU_KVCACHE_SPACE": "3"}
+    configure_cpu(ranks, env)
+    assert env.get("VLLM_CPU_OMP_THREADS_BIND") == expected
+    assert "VLLM_CPU_KVCACHE_SPACE" not in env  # --kv-cache-memory-bytes must win
