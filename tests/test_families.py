@@ -1,0 +1,154 @@
+"""Every model family the README names, proven on small random checkpoints built with that family's
+transformers class and its config features: full-rank conversion equals transformers' own forward,
+and vLLM serves the conversion at parity with the reference; features the conversion cannot
+express are refused naming the feature."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tucker_serve.convert import ConvertOptions, convert
+from tucker_serve.model import TuckerLlama
+from tucker_serve.sources import ModelError, check_supported
+
+pytestmark = pytest.mark.slow
+LOGIT_TOL = 1e-4  # float32, absolute, transformers' logits against the converted reference
+COMMON = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.2, rms_norm_eps=1e-6,
+              tie_word_embeddings=False)
+
+
+def family_model(name: str):
+    """A random transformers model of the family, with the config feature the family is about."""
+    import transformers as tf
+
+    if name == "qwen2":  # q/k/v biases
+        config = tf.Qwen2Config(**COMMON, rope_theta=1e6, use_sliding_window=False)
+        return tf.Qwen2ForCausalLM(config)
+    if name == "mistral":
+        return tf.MistralForCausalLM(tf.MistralConfig(**COMMON, sliding_window=None))
+    if name == "llama3-rope-scaling":
+        rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 128}
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON, rope_scaling=rope))
+    if name == "explicit-head-dim":  # heads x head_dim (4 x 8) != hidden_size (64)
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON, head_dim=8))
+    raise KeyError(name)
+
+
+FAMILIES = ["qwen2", "mistral", "llama3-rope-scaling", "explicit-head-dim"]
+
+
+@pytest.fixture(scope="module")
+def families(smollm2, tmp_path_factory):
+    """name -> (source folder, full-rank Tucker folder), built once for the module."""
+    made = {}
+    for name in FAMILIES:
+        torch.manual_seed(0)
+        model = family_model(name)
+        if name == "qwen2":  # random biases, so that a dropped bias would show
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    torch.nn.init.normal_(proj.bias, std=0.5)
+        source = tmp_path_factory.mktemp(name) / "source"
+        model.save_pretrained(source)
+        for f in smollm2.folder.iterdir():  # the SmolLM2 tokenizer (same vocabulary size)
+            if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+                shutil.copy2(f, source / f.name)
+        tucker = source.parent / "tucker"
+        convert(str(source), tucker, ConvertOptions(full_rank=True, calib_text="wiki", calib_tokens=1024),
+                progress=False)
+        made[name] = (source, tucker)
+    return made
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_full_rank_conversion_equals_transformers(families, name):
+    from transformers import AutoModelForCausalLM
+
+    source, tucker = families[name]
+    ids = torch.randint(0, 49152, (2, 200), generator=torch.Generator().manual_seed(1))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    if name == "llama3-rope-scaling":
+        # transformers builds the llama3 table in float32 arithmetic (1e-7 relative off the exact
+        # frequencies), which alone moves these logits by 1.3e-4 at position 200. Check our float64
+        # frequencies against it, then give it the correctly rounded table.
+        from tucker_serve.rope import llama_inv_freq
+
+        exact = llama_inv_freq(model.config.head_dim, model.config.rope_parameters)
+        assert torch.allclose(model.model.rotary_emb.inv_freq.double(), exact, rtol=1e-6, atol=0)
+        model.model.rotary_emb.inv_freq = exact.float()
+    with torch.no_grad():
+        want = model(ids).logits
+        got = TuckerLlama.from_pretrained(tucker)(ids)
+    assert want.std() > 0.5  # logits that vary, so that equality means something
+    assert (got - want).abs().max().item() <= LOGIT_TOL
+    config = json.loads((tucker / "config.json").read_text())
+    assert config["tucker"]["qkv_bias"] == (name == "qwen2")
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("name", FAMILIES)
+def test_vllm_serves_the_conversion_at_parity_with_the_reference(families, name, tmp_path):
+    # one engine per family, each in its own process (vLLM keeps one model per engine)
+    _, tucker = families[name]
+    code = f"""
+import json, torch
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+from tucker_serve.model import TuckerLlama
+if __name__ == "__main__":
+    llm = LLM(model={str(tucker)!r}, dtype="float32", enforce_eager=True, kv_cache_memory_bytes=2**24,
+              max_model_len=512, max_logprobs=20, seed=0)
+    g = torch.Generator().manual_seed(2)
+    batch = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in (5, 37, 130)]
+    params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=20, prompt_logprobs=20, ignore_eos=True)
+    reference = TuckerLlama.from_pretrained({str(tucker)!r})
+    worst = 0.0
+    for prompt, out in zip(batch, llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], params)):
+        seq = prompt + list(out.outputs[0].token_ids)
+        with torch.no_grad():
+            ref = reference(torch.tensor([seq])).log_softmax(-1)[0]
+        rows = [(p - 1, out.prompt_logprobs[p]) for p in range(1, len(prompt))]
+        rows += [(len(prompt) + j - 1, d) for j, d in enumerate(out.outputs[0].logprobs)]
+        for pos, lps in rows:
+            ids = torch.tensor(list(lps.keys()))
+            got = torch.tensor([lp.logprob for lp in lps.values()])
+            worst = max(worst, (got - ref[pos, ids]).abs().max().item())
+    print("WORST", json.dumps(worst))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    worst = json.loads(proc.stdout.split("WORST")[-1].splitlines()[0])
+    assert worst <= 1e-4
+
+
+@pytest.mark.parametrize("config,needle", [
+    ({"model_type": "mistral", "sliding_window": 128, "max_position_embeddings": 4096},
+     "sliding-window attention (window 128)"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 256, "max_window_layers": 1,
+      "max_position_embeddings": 4096}, "sliding-window attention (window 256)"),
+    ({"model_type": "gemma3_text", "rope_theta": 1e6, "rope_local_base_freq": 1e4},
+     "two RoPE bases (rope_theta for global layers, rope_local_base_freq for local ones)"),
+    ({"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}, "QK-norm (q_norm and k_norm before RoPE)"),
+    ({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn'"),
+    ({"model_type": "llama", "hidden_act": "gelu"}, "hidden_act 'gelu'"),
+])
+def test_unsupported_features_are_refused_by_name(config, needle):
+    with pytest.raises(ModelError) as err:
+        check_supported(config, "model")
+    assert needle in str(err.value)
+
+
+def test_more_head_dims_than_hidden_size_is_refused_before_loading(tmp_path):
+    # Qwen3-style widths: 4 heads x 32 > hidden 64 (the Tucker query mode cannot hold them)
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", **COMMON, "head_dim": 32}))
+    with pytest.raises(ModelError, match="heads x head_dim > hidden_size is not supported"):
+        convert(str(folder), tmp_path / "out", ConvertOptions(full_rank=True), progress=False)
+    assert not (tmp_path / "out").exists()
