@@ -183,6 +183,7 @@ def test_memory_document_and_tucker_gauges_agree_next_to_vllm_metrics(server, cl
     memory = get(server, "/v1/memory").json()
     samples = prometheus_text(server)
     assert memory["compression_ratio"] == pytest.approx(2.0) and memory["cache_dtype"] == "float32"
+    assert samples["tucker_kv_element_bytes"] == memory["bytes_per_element"] == 4
     assert samples["tucker_kv_compression_ratio"] == pytest.approx(memory["compression_ratio"])
     assert samples["tucker_kv_bytes_per_token"] == memory["bytes_per_token"] == 30 * 192 * 4
     assert samples["tucker_kv_source_bytes_per_token"] == memory["source_bytes_per_token"] == 30 * 384 * 4

@@ -15,15 +15,39 @@ import torch.nn.functional as F
 from torch import nn
 
 from tucker_serve.config import TuckerConfig
+from tucker_serve.ops.paged import to_cache_dtype
 from tucker_serve.rope import apply_rope, default_inv_freq, rope_cos_sin
 from tucker_serve.tucker import TuckerFactors
 
 
+try:  # the optional `gpu` extra: flash-attention for the reference model on CUDA (healing, evaluation)
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+
 def latent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal MQA over one shared latent: q (B, H, T, r3), k (B, T, r3), v (B, T, rt3) -> (B, H, T, rt3)."""
+    """Causal MQA over one shared latent: q (B, H, T, r3), k (B, T, r3), v (B, T, rt3) -> (B, H, T, rt3).
+    flash-attention when installed and the tensors are 16-bit on CUDA, PyTorch SDPA otherwise."""
+    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return flash_latent_attention(q, k, v, scale)
     return F.scaled_dot_product_attention(
         q, k[:, None], v[:, None], is_causal=True, scale=scale, enable_gqa=True
     )
+
+
+def flash_latent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """flash_attn_func with one KV head. It wants one head size for q, k and v (a multiple of 8, at
+    most 256): zero-padding q and k adds nothing to the scores, zero-padding v adds columns that are
+    cut off again."""
+    r3, rt3 = q.shape[-1], v.shape[-1]
+    width = -(-max(r3, rt3) // 8) * 8
+    if width > 256:
+        raise ValueError(f"flash-attention takes head sizes up to 256, the latent needs {width}")
+    pad = lambda t: F.pad(t, (0, width - t.shape[-1]))  # noqa: E731
+    out = flash_attn_func(pad(q).transpose(1, 2), pad(k)[:, :, None], pad(v)[:, :, None],
+                          softmax_scale=scale, causal=True)  # (B, T, H, width)
+    return out[..., :rt3].transpose(1, 2)
 
 
 class TuckerAttention(nn.Module):
@@ -38,10 +62,11 @@ class TuckerAttention(nn.Module):
         rope_base: float = 10000.0,
         bias: bool = False,
         dtype: torch.dtype = torch.float32,
+        cache_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         c = config
-        self.config, self.block_core = c, block_core
+        self.config, self.block_core, self.cache_dtype = c, block_core, cache_dtype
         self.scale = 1.0 / math.sqrt(c.r3) if scale is None else scale
         if block_core and (c.r2 % c.num_heads or c.rt2 % c.num_heads):
             raise ValueError(f"block_core needs r2={c.r2} and rt2={c.rt2} divisible by num_heads={c.num_heads}")
@@ -75,20 +100,31 @@ class TuckerAttention(nn.Module):
             module.o_shared.weight.copy_(factors.Ut2)
         return module
 
+    def cached(self, t: torch.Tensor) -> torch.Tensor:
+        """What a serving cache of `cache_dtype` gives back for `t` (unchanged when it is None)."""
+        return t if self.cache_dtype is None else to_cache_dtype(t, self.cache_dtype).to(t.dtype)
+
     def latents(self, x: torch.Tensor, positions: torch.Tensor):
-        """Rotated per-head queries (B, H, T, r3), rotated key (B, T, r3), value (B, T, rt3)."""
+        """Rotated per-head queries (B, H, T, r3), rotated key (B, T, r3), value (B, T, rt3), the
+        key and value as a cache of `cache_dtype` returns them."""
         c = self.config
         qs = self.q_shared(x)  # (B, T, r2)
         if self.block_core:
             q = torch.einsum("bthr,hrs->bhts", qs.unflatten(-1, (c.num_heads, -1)), self.q_core)
         else:
             q = torch.einsum("btr,hrs->bhts", qs, self.q_core)
+        shared = self.v_latent is None
         k = self.k_latent(x)  # (B, T, r3)
-        v = k if self.v_latent is None else self.v_latent(x)
+        if shared:  # the cache holds the unrotated latent: the value, and rotated, the key
+            k = v = self.cached(k)
+        else:
+            v = self.v_latent(x)
         if c.rope:
             cos, sin = rope_cos_sin(self.latent_freqs, positions)  # (B, T, r3/2) or (T, r3/2)
             q = apply_rope(q, cos.unsqueeze(-3), sin.unsqueeze(-3))
             k = apply_rope(k, cos, sin)
+        if not shared:  # the cache holds the rotated key and the value
+            k, v = self.cached(k), self.cached(v)
         return q, k, v
 
     def output(self, y: torch.Tensor) -> torch.Tensor:

@@ -80,12 +80,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: TuckerModelConfig, layer: int, dtype) -> None:
+    def __init__(self, cfg: TuckerModelConfig, layer: int, dtype, cache_dtype=None) -> None:
         super().__init__()
         freqs = torch.tensor(cfg.latent_rope_freqs[layer], dtype=torch.float64)
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.self_attn = TuckerAttention(
-            cfg.attention, freqs, cfg.softmax_scale, cfg.block_core, bias=cfg.qkv_bias, dtype=dtype
+            cfg.attention, freqs, cfg.softmax_scale, cfg.block_core, bias=cfg.qkv_bias, dtype=dtype,
+            cache_dtype=cache_dtype,
         )
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
@@ -96,14 +97,16 @@ class Block(nn.Module):
 
 
 class TuckerLlama(nn.Module):
-    """Causal LM over Tucker attention; state-dict names follow the Hugging Face Llama layout."""
+    """Causal LM over Tucker attention; state-dict names follow the Hugging Face Llama layout.
+    `cache_dtype` (e.g. torch.float8_e4m3fn) rounds the latent keys and values as a serving cache
+    of that type stores them (scale 1)."""
 
-    def __init__(self, cfg: TuckerModelConfig, dtype=torch.float32) -> None:
+    def __init__(self, cfg: TuckerModelConfig, dtype=torch.float32, cache_dtype=None) -> None:
         super().__init__()
         self.cfg = cfg
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.model.layers = nn.ModuleList(Block(cfg, i, dtype) for i in range(cfg.num_layers))
+        self.model.layers = nn.ModuleList(Block(cfg, i, dtype, cache_dtype) for i in range(cfg.num_layers))
         self.model.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
         if cfg.tie_word_embeddings:
@@ -122,14 +125,14 @@ class TuckerLlama(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, positions))
 
     @classmethod
-    def from_pretrained(cls, folder, dtype=torch.float32) -> "TuckerLlama":
+    def from_pretrained(cls, folder, dtype=torch.float32, cache_dtype=None) -> "TuckerLlama":
         """Load a Tucker folder, checking every tensor's name and shape against config.json."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         folder = Path(folder)
         cfg = TuckerModelConfig.from_dict(json.loads((folder / "config.json").read_text()), folder / "config.json")
-        model = cls(cfg, dtype)
+        model = cls(cfg, dtype, cache_dtype)
         try:
             state = load_file(folder / "model.safetensors")
         except (OSError, SafetensorError) as exc:

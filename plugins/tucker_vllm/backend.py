@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 from vllm.v1.attention.backend import (
     AttentionBackend,
+    AttentionCGSupport,
     AttentionImpl,
     AttentionMetadataBuilder,
     AttentionType,
@@ -31,6 +32,9 @@ from tucker_serve.ops.paged import PagedBatch, paged_attention, write_latent_cac
 
 BACKEND_NAME = "TUCKER"
 SHARED_BACKEND_NAME = "TUCKER_SHARED"
+# vLLM's --kv-cache-dtype values, and the element type an fp8 cache is read as (None: the cache's own)
+CACHE_DTYPES = {"auto": None, "float32": None, "bfloat16": None, "float16": None,
+                "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,9 @@ class TuckerMetadata(PagedBatch):
 
 
 class TuckerMetadataBuilder(AttentionMetadataBuilder[TuckerMetadata]):
+    # The metadata holds host-side lengths that loops read: a captured CUDA graph would replay stale
+    # ones, so vLLM runs these layers outside its graphs (piecewise) and graphs the rest.
+    _cudagraph_support = AttentionCGSupport.NEVER
     reorder_batch_threshold = 1  # vLLM puts the decodes first in every batch
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
@@ -77,19 +84,27 @@ class TuckerAttentionImpl(AttentionImpl[TuckerMetadata]):
                 raise ValueError(f"the TUCKER backend does not support {name}")
         if attn_type != AttentionType.DECODER:
             raise ValueError(f"the TUCKER backend supports decoder attention only, got {attn_type}")
-        if kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        if kv_cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"the TUCKER backend does not support kv_cache_dtype={kv_cache_dtype}")
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads, self.kv_cache_dtype = 1, kv_cache_dtype
+        self.fp8 = CACHE_DTYPES[kv_cache_dtype]  # vLLM allocates fp8 caches as uint8: read them as this
         self.latent_freqs = latent_freqs  # shared-latent mode: rotate cached keys at read time
+
+    def scales(self, layer) -> tuple[float, float]:
+        """vLLM's per-layer cache scales (stored = value / scale); a shared latent uses the key's for both."""
+        if self.fp8 is None:
+            return 1.0, 1.0
+        return layer._k_scale_float, layer._k_scale_float if self.latent_freqs is not None else layer._v_scale_float
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         if kv_cache.numel() == 0:
             return
         n = slot_mapping.shape[0]
-        value = None if self.latent_freqs is not None else value[:n, 0]
-        write_latent_cache(kv_cache, key[:n, 0], value, slot_mapping)
+        k_scale, v_scale = self.scales(layer)
+        key, value = key[:n, 0] / k_scale, None if self.latent_freqs is not None else value[:n, 0] / v_scale
+        write_latent_cache(kv_cache.view(self.fp8) if self.fp8 else kv_cache, key, value, slot_mapping)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: TuckerMetadata | None, output: torch.Tensor,
@@ -102,19 +117,25 @@ class TuckerAttentionImpl(AttentionImpl[TuckerMetadata]):
         freqs = self.latent_freqs
         if freqs is not None and freqs.device != query.device:
             freqs = self.latent_freqs = freqs.to(query.device)
+        # An fp8 cache holds key / k_scale and value / v_scale: fold k_scale into the softmax scale
+        # (scores are linear in the key) and v_scale into the output (linear in the value).
+        k_scale, v_scale = self.scales(layer)
+        cache = kv_cache.view(self.fp8) if self.fp8 else kv_cache
         if query.is_cuda:
             from tucker_vllm.gpu import gpu_attention
 
-            gpu_attention(query[:n], kv_cache, m, self.scale, output[:n], freqs)
+            gpu_attention(query[:n], cache, m, self.scale * k_scale, output[:n], freqs)
         else:
-            paged_attention(query[:n], kv_cache, m, self.scale, output[:n], freqs)
+            paged_attention(query[:n], cache, m, self.scale * k_scale, output[:n], freqs)
+        if v_scale != 1.0:
+            output[:n] *= v_scale
         return output
 
 
 class TuckerAttentionBackend(AttentionBackend):
     forward_includes_kv_cache_update: bool = False
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float32, torch.bfloat16, torch.float16]
-    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float32", "bfloat16", "float16"]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = list(CACHE_DTYPES)
 
     @staticmethod
     def get_name() -> str:

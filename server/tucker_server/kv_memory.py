@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tucker_serve import cache_layout as cl
 from tucker_serve.cache_layout import MemoryLayout, model_layout
 
 # Latest KV usage fraction per engine index, written by the stat logger, read by /v1/memory.
@@ -48,6 +49,7 @@ class EngineMemory:
         return {
             "model": self.model,
             "cache_dtype": lay.dtype,
+            "bytes_per_element": cl.dtype_bytes(lay.dtype),
             "num_layers": lay.num_layers,
             "kv_width_per_token_per_layer": lay.width,
             "bytes_per_token_per_layer": lay.bytes_per_token_per_layer,

@@ -10,6 +10,7 @@ from prometheus_client import Gauge
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from tucker_server.kv_memory import USAGE, EngineMemory
+from tucker_serve import cache_layout as cl
 
 LABELS = ["model_name", "engine"]
 
@@ -19,6 +20,7 @@ def gauge(name: str, doc: str) -> Gauge:
     return Gauge(name, doc, LABELS, multiprocess_mode="mostrecent")
 
 
+ELEMENT_BYTES = gauge("tucker_kv_element_bytes", "bytes of one cached number (the KV-cache dtype: 4, 2 or 1 for fp8)")
 BYTES_PER_TOKEN = gauge("tucker_kv_bytes_per_token", "KV-cache bytes one token occupies (all layers)")
 BYTES_PER_TOKEN_PER_LAYER = gauge("tucker_kv_bytes_per_token_per_layer", "KV-cache bytes per token per layer")
 SOURCE_BYTES_PER_TOKEN = gauge("tucker_kv_source_bytes_per_token",
@@ -36,7 +38,7 @@ class TuckerStatLogger(StatLoggerBase):
         self.memory, self.engine = EngineMemory.of(vllm_config), engine_index
         labels = {"model_name": self.memory.model, "engine": str(engine_index)}
         lay = self.memory.layout
-        for g, value in ((BYTES_PER_TOKEN, lay.bytes_per_token),
+        for g, value in ((ELEMENT_BYTES, cl.dtype_bytes(lay.dtype)), (BYTES_PER_TOKEN, lay.bytes_per_token),
                          (BYTES_PER_TOKEN_PER_LAYER, lay.bytes_per_token_per_layer),
                          (SOURCE_BYTES_PER_TOKEN, lay.source_bytes_per_token),
                          (COMPRESSION_RATIO, lay.compression_ratio),

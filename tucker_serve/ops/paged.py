@@ -20,17 +20,25 @@ import torch.nn.functional as F
 from tucker_serve.rope import apply_rope, rope_cos_sin
 
 
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast to the cache's element type; fp8 saturates at its largest finite value (as vLLM's kernels do)."""
+    if dtype.itemsize == 1:
+        limit = torch.finfo(dtype).max
+        x = x.clamp(-limit, limit)
+    return x.to(dtype)
+
+
 def write_latent_cache(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None,
                        slot_mapping: torch.Tensor) -> None:
     """Store key (T, r3) and value (T, rt3) rows at their slots (value None: shared latent);
-    slot -1 is skipped."""
+    slot -1 is skipped. An fp8 cache holds the values as given: callers divide by their scales."""
     rows = kv_cache.view(-1, kv_cache.shape[-1])
     r3 = key.shape[-1]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    rows[slots, :r3] = key[keep].to(rows.dtype)
+    rows[slots, :r3] = to_cache_dtype(key[keep], rows.dtype)
     if value is not None:
-        rows[slots, r3:] = value[keep].to(rows.dtype)
+        rows[slots, r3:] = to_cache_dtype(value[keep], rows.dtype)
 
 
 def keys_values(rows: torch.Tensor, r3: int, latent_freqs: torch.Tensor | None):

@@ -72,8 +72,9 @@ if triton is not None:
             k1 = tl.load(row + r[None, :], mask=k_mask, other=0.0).to(tl.float32)
             k2 = tl.load(row + half + r[None, :], mask=k_mask, other=0.0).to(tl.float32)
             if SHARED:  # the cache holds unrotated latents: rotate keys by their positions here
-                angle = tok[:, None].to(tl.float32) * freqs[None, :]
-                cos, sin = tl.cos(angle), tl.sin(angle)
+                # float64 angles, as the reference: at position 8k a float32 angle is off by ~5e-4 rad
+                angle = tok[:, None].to(tl.float64) * freqs[None, :]
+                cos, sin = tl.cos(angle).to(tl.float32), tl.sin(angle).to(tl.float32)
                 k1, k2 = k1 * cos - k2 * sin, k2 * cos + k1 * sin
             scores = _dot(q1, tl.trans(k1), tl.zeros([H_PAD, BN], tl.float32), IEEE)
             scores = _dot(q2, tl.trans(k2), scores, IEEE) * scale  # (H_PAD, BN)
@@ -106,13 +107,11 @@ def paged_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     shared = latent_freqs is not None
     rt3 = r3 if shared else width - r3
     max_blocks = block_table.shape[1] if max_len is None else max(1, -(-max_len // block_size))
-    if num_splits is None:  # enough programs to fill ~128 streaming multiprocessors
-        num_splits = max(1, min(max_blocks, -(-128 // max(B, 1))))
-    per_split = -(-max_blocks // num_splits)
+    num_splits, per_split = split_work(B, max_blocks, num_splits)
     acc = torch.empty(B, num_splits, H, rt3, dtype=torch.float32, device=query.device)
     m = torch.empty(B, num_splits, H, dtype=torch.float32, device=query.device)
     l = torch.empty_like(m)
-    freqs = (latent_freqs if shared else torch.zeros(r3 // 2, dtype=torch.float64, device=query.device)).float()
+    freqs = (latent_freqs if shared else torch.zeros(r3 // 2, device=query.device)).to(torch.float64)
     query = query.contiguous()
     _decode_split[(B, num_splits)](
         query, kv_cache, block_table, seq_lens, freqs, acc, m, l,
@@ -123,6 +122,14 @@ def paged_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
         SHARED=shared, IEEE=query.dtype == torch.float32,
     )
     return combine_splits(acc, m, l).to(query.dtype)
+
+
+def split_work(batch: int, blocks: int, num_splits: int | None = None) -> tuple[int, int]:
+    """Programs per request and blocks per program for requests of up to `blocks` blocks: by
+    default enough programs to fill ~128 streaming multiprocessors, never more than blocks."""
+    if num_splits is None:
+        num_splits = max(1, min(blocks, -(-128 // max(batch, 1))))
+    return num_splits, -(-blocks // num_splits)
 
 
 def combine_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,44 @@
+"""An fp8 KV cache (`kv_cache_dtype="fp8"`) on the TUCKER backend (tiny checkpoint: r3 != rt3, and a
+shared latent) against the reference model rounding its latents the same way, and its capacity."""
+
+import pytest
+import torch
+
+from test_vllm_tiny import max_logprob_error, prompts, run
+from tiny_checkpoint import write_tiny_checkpoint
+from tucker_serve.model import TuckerLlama
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+FP8_TOL = 2e-3  # fp8 rounding of a value can flip on float32 noise between two equivalent computations
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["separate", "shared"])
+def case(request, tmp_path_factory, start_llm):
+    folder = write_tiny_checkpoint(tmp_path_factory.mktemp("fp8") / "tiny", shared_latent=request.param)
+    llm = start_llm(model=str(folder), skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
+                    block_size=16, max_num_batched_tokens=64, max_model_len=512, max_logprobs=-1,
+                    kv_cache_memory_bytes=4 * 2**20, kv_cache_dtype="fp8", seed=0)
+    return folder, llm, request.param
+
+
+def test_fp8_cache_matches_the_reference_rounding_its_latents_to_fp8(case):
+    folder, llm, _ = case
+    rounded = TuckerLlama.from_pretrained(folder, cache_dtype=torch.float8_e4m3fn)
+    exact = TuckerLlama.from_pretrained(folder)
+    batch = prompts([3, 17, 150, 40], seed=7)
+    worst_rounded = worst_exact = 0.0
+    for prompt, out in zip(batch, run(llm, batch)):
+        worst_rounded = max(worst_rounded, max_logprob_error(rounded, prompt, out)[0])
+        worst_exact = max(worst_exact, max_logprob_error(exact, prompt, out)[0])
+    assert worst_rounded <= FP8_TOL
+    assert worst_exact > 10 * worst_rounded  # the cache really is fp8
+
+
+def test_fp8_cache_holds_one_byte_per_latent_number(case):
+    from tiny_checkpoint import LAYERS, RANKS
+
+    _, llm, shared = case
+    config = llm.llm_engine.vllm_config.cache_config
+    width = RANKS["r3"] if shared else RANKS["r3"] + RANKS["rt3"]
+    per_block = LAYERS * width * 1 * config.block_size
+    assert config.num_gpu_blocks == 4 * 2**20 // per_block
