@@ -1,10 +1,15 @@
-"""Quality of SmolLM2-135M conversions: perplexity against KV compression, without and with healing.
+"""Quality of SmolLM2-135M conversions: perplexity and chat fidelity against KV compression,
+calibration text and healing, each row measured the same way.
 
-    .venv/bin/python bench/quality.py --out runs/quality
+    .venv/bin/python bench/quality.py --out runs/quality --variants 1.5/wiki/-,1.5/wiki+chat/10/0.5
 
-Converts at each ratio, heals with the given minute budgets, evaluates every model on the wiki and
-news evaluation splits, prints a table and writes results.json, results.md and quality.png.
-Finished steps are reused when the script is run again with the same --out.
+A variant is RATIO/CALIB/HEAL_MINUTES[/CHAT_SHARE[/LOCAL_SHARE]]: convert at RATIO (`full` = full
+rank) calibrated on CALIB (`+`-separated: wiki, news, chat), then heal for HEAL_MINUTES (`-`: not
+healed) with that share of chat windows (default 0.5), the per-layer phase taking at most
+LOCAL_SHARE of the budget (default 0.35; 0 skips it). Every model gets wiki and news perplexity (16,368 tokens each)
+and `tucker-serve eval --chat` (question set correct, teacher-forced agreement and KL, answers equal
+to the source's). Finished steps are cached under --out; results.json holds every number of
+results.md and quality.png; chat-<model>.json every answer.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tucker_serve.convert import ConvertOptions, convert
@@ -21,9 +27,32 @@ from tucker_serve.heal import HealOptions, heal
 SOURCE = "smollm2-135m"
 
 
-def parse_heal(spec: str) -> dict[float, float]:
-    """'2=30,3=30' -> {2.0: 30.0, 3.0: 30.0} (ratio -> healing minutes)."""
-    return {float(r): float(m) for r, m in (item.split("=") for item in spec.split(",") if item)}
+@dataclass(frozen=True)
+class Variant:
+    ratio: str  # "1.5" or "full"
+    calib: str  # "wiki+chat"
+    heal_minutes: float | None
+    chat_share: float = 0.5
+    local_share: float = 0.35
+
+    @classmethod
+    def parse(cls, spec: str) -> "Variant":
+        parts = spec.split("/")
+        if len(parts) not in (3, 4, 5):
+            raise ValueError(f"variant {spec!r}: expected RATIO/CALIB/HEAL_MINUTES[/CHAT_SHARE[/LOCAL_SHARE]]")
+        minutes = None if parts[2] == "-" else float(parts[2])
+        return cls(parts[0], parts[1], minutes, *(float(p) for p in parts[3:]))
+
+    @property
+    def converted(self) -> str:
+        return f"x{self.ratio}-{self.calib}"
+
+    @property
+    def name(self) -> str:
+        if self.heal_minutes is None:
+            return self.converted
+        local = "" if self.local_share == 0.35 else f"-local{self.local_share:g}"
+        return f"{self.converted}-heal{self.heal_minutes:g}-chat{self.chat_share:g}{local}"
 
 
 def cached(path: Path, make):
@@ -34,46 +63,60 @@ def cached(path: Path, make):
     return result
 
 
-def measure(model: str, out: Path, tag: str, tokens: int) -> dict:
-    return {text: cached(out / f"eval-{tag}-{text}.json",
-                         lambda text=text: evaluate(model, text, tokens, 1024, progress=False))["perplexity"]
-            for text in ("wiki", "news")}
+def measure(model: str, out: Path, name: str, tokens: int) -> dict:
+    """Perplexity on both texts and chat fidelity, cached per model."""
+    from tucker_bench.chat import chat_eval
+
+    def make():
+        row = {text: evaluate(model, text, tokens, 1024, progress=False)["perplexity"] for text in ("wiki", "news")}
+        result = chat_eval(model, SOURCE, progress=False)
+        (out / f"chat-{name}.json").write_text(json.dumps(result, indent=2))
+        row["chat"] = {k: v for k, v in result.items() if k != "answers"}
+        return row
+
+    return cached(out / f"eval-{name}.json", make)
+
+
+def build(v: Variant, out: Path) -> tuple[Path, dict]:
+    """The variant's folder (converted, then healed), with what making it cost."""
+    folder = out / v.converted
+    if not folder.is_dir():
+        kind = dict(full_rank=True) if v.ratio == "full" else dict(kv_ratio=float(v.ratio))
+        convert(SOURCE, folder, ConvertOptions(**kind, calib_text=v.calib.replace("+", ",")), progress=False)
+    report = json.loads((folder / "tucker_report.json").read_text())
+    info = {"key_rank": report["key_rank"], "value_rank": report["value_rank"], "convert_seconds": report["seconds"]}
+    if v.heal_minutes is None:
+        return folder, info
+    healed = out / v.name
+    if not healed.is_dir():
+        opt = HealOptions(minutes=v.heal_minutes, chat=v.chat_share, local_share=v.local_share,
+                          local_steps=60 if v.local_share else 0)
+        heal(folder, healed, opt, progress=False)
+    h = json.loads((healed / "tucker_report.json").read_text())["healing"]
+    info.update(heal_minutes=h["minutes_done"], chat_answer_minutes=h.get("chat_answer_minutes", 0),
+                local_minutes=h["local_minutes"], kl_steps=h["global_steps"], final_kl=h["final_kl"])
+    return healed, info
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/quality"))
-    ap.add_argument("--ratios", default="1.5,2,3,4,6")
-    ap.add_argument("--heal", default="1.5=10,2=30,3=30,4=10,6=10", help="ratio=minutes,...")
+    ap.add_argument("--variants", required=True, help="RATIO/CALIB/HEAL_MINUTES[/CHAT_SHARE],...")
     ap.add_argument("--tokens", type=int, default=16384, help="evaluation tokens per text")
     args = ap.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    rows = [{"ratio": 1.0, "variant": "source", **measure(SOURCE, out, "source", args.tokens)}]
-    full = out / "full"
-    if not full.is_dir():
-        convert(SOURCE, full, ConvertOptions(full_rank=True), progress=False)
-    rows.append({"ratio": 1.0, "variant": "full rank", **measure(str(full), out, "full", args.tokens)})
-    heal_minutes = parse_heal(args.heal)
-    for ratio in [float(r) for r in args.ratios.split(",")]:
-        folder = out / f"x{ratio:g}"
-        if not folder.is_dir():
-            start = time.time()
-            convert(SOURCE, folder, ConvertOptions(kv_ratio=ratio), progress=False)
-            print(f"converted x{ratio:g} in {time.time() - start:.0f} s", flush=True)
-        report = json.loads((folder / "tucker_report.json").read_text())
-        rows.append({"ratio": ratio, "variant": "converted", "key_rank": report["key_rank"],
-                     "value_rank": report["value_rank"], "convert_seconds": report["seconds"],
-                     **measure(str(folder), out, f"x{ratio:g}", args.tokens)})
-        if ratio in heal_minutes:
-            healed = out / f"x{ratio:g}-healed"
-            if not healed.is_dir():
-                heal(folder, healed, HealOptions(minutes=heal_minutes[ratio]), progress=False)
-            h = json.loads((healed / "tucker_report.json").read_text())["healing"]
-            rows.append({"ratio": ratio, "variant": "healed", "heal_minutes": h["minutes_done"],
-                         "local_steps": h["local_steps"], "kl_steps": h["global_steps"],
-                         **measure(str(healed), out, f"x{ratio:g}-healed", args.tokens)})
-        print(json.dumps(rows[-1]), flush=True)
+    rows = [{"variant": "source", "ratio": 1.0, **measure(SOURCE, out, "source", args.tokens)}]
+    for v in [Variant.parse(s) for s in args.variants.split(",")]:
+        start = time.time()
+        folder, info = build(v, out)
+        ratio = 1.0 if v.ratio == "full" else float(v.ratio)
+        rows.append({"variant": v.name, "ratio": ratio, "calib": v.calib, "heal": v.heal_minutes,
+                     "chat_share": v.chat_share if v.heal_minutes else None,
+                     "local_share": v.local_share if v.heal_minutes else None, **info,
+                     **measure(str(folder), out, v.name, args.tokens)})
+        print(json.dumps(rows[-1]), f"({time.time() - start:.0f} s)", flush=True)
+    rows = merged(out / "results.json", rows)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     table = markdown(rows)
     (out / "results.md").write_text(table)
@@ -81,18 +124,34 @@ def main() -> None:
     plot(rows, out / "quality.png")
 
 
+def merged(path: Path, rows: list[dict]) -> list[dict]:
+    """Rows of earlier runs into the same --out, updated by this run's; source first, then by ratio."""
+    known = {r["variant"]: r for r in (json.loads(path.read_text()) if path.is_file() else [])}
+    known.update({r["variant"]: r for r in rows})
+    order = lambda r: (r["variant"] != "source", r["ratio"], r.get("calib") or "", r.get("heal") or 0,  # noqa: E731
+                       r.get("chat_share") or 0, r.get("local_share") or 0)
+    return sorted(known.values(), key=order)
+
+
 def markdown(rows: list[dict]) -> str:
     src = rows[0]
-    lines = ["| KV ratio | model | wiki ppl | vs source | news ppl | vs source | notes |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| KV ratio | calibration | healing | wiki ppl | vs source | news ppl | vs source | questions correct "
+             "| top-1 agreement | KL | same answer | notes |", "| --- " * 12 + "|"]
     for r in rows:
+        c = r["chat"]
+        healing = "-" if not r.get("heal") else (f"{r['heal_minutes']:.1f} min, chat share {r['chat_share']:g}, "
+                                                 f"local share {r.get('local_share', 0.35):g}")
         notes = []
         if "key_rank" in r:
-            notes.append(f"r3={r['key_rank']}, rt3={r['value_rank']}, {r['convert_seconds']:.0f} s")
-        if "heal_minutes" in r:
-            notes.append(f"{r['local_steps']} steps/layer + {r['kl_steps']} KL steps, {r['heal_minutes']:.1f} min")
-        lines.append(f"| {r['ratio']:g}x | {r['variant']} | {r['wiki']:.2f} | {100 * (r['wiki'] / src['wiki'] - 1):+.1f}% "
-                     f"| {r['news']:.2f} | {100 * (r['news'] / src['news'] - 1):+.1f}% | {'; '.join(notes)} |")
+            notes.append(f"r3={r['key_rank']}, rt3={r['value_rank']}")
+        if r.get("heal"):
+            notes.append(f"{r['chat_answer_minutes']:.1f} min answers + {r['local_minutes']:.1f} min local "
+                         f"+ {r['kl_steps']} KL steps")
+        lines.append(
+            f"| {r['ratio']:g}x | {r.get('calib', '-')} | {healing} | {r['wiki']:.2f} "
+            f"| {100 * (r['wiki'] / src['wiki'] - 1):+.1f}% | {r['news']:.2f} | {100 * (r['news'] / src['news'] - 1):+.1f}% "
+            f"| {c['correct']}/{c['questions']} | {c['agreement']:.3f} | {c['kl']:.3f} | {c['same_answer_as_source']:.0%} "
+            f"| {'; '.join(notes)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -102,17 +161,18 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for variant, style in (("converted", "o--"), ("healed", "s-")):
-        pts = [(r["ratio"], r["wiki"]) for r in rows if r["variant"] == variant]
-        if pts:
-            ax.plot(*zip(*pts), style, label=f"{variant} (wiki)")
-    ax.axhline(rows[0]["wiki"], color="gray", lw=1, label="source (wiki)")
-    ax.set_xlabel("KV-cache compression ratio")
-    ax.set_ylabel("perplexity")
-    ax.set_yscale("log")
-    ax.set_title("SmolLM2-135M: Tucker conversion quality")
-    ax.legend()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in rows[1:]:
+        marker = "s" if r.get("heal") else "o"
+        a.plot(r["ratio"], r["wiki"], marker, label=r["variant"])
+        b.plot(r["ratio"], r["chat"]["correct"], marker, label=r["variant"])
+    a.axhline(rows[0]["wiki"], color="gray", lw=1)
+    b.axhline(rows[0]["chat"]["correct"], color="gray", lw=1)
+    a.set(xlabel="KV-cache compression ratio", ylabel="wiki perplexity", yscale="log", title="perplexity")
+    b.set(xlabel="KV-cache compression ratio", ylabel=f"questions correct (of {rows[0]['chat']['questions']})",
+          title="chat answers (grey: source)")
+    b.legend(fontsize=6)
+    fig.suptitle("SmolLM2-135M: Tucker conversions (squares: healed)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from tucker_serve import cache_layout as cl
 from tucker_serve.calibrate import AttentionShape, LayerStats, collect
+from tucker_serve.chat import source_chats
 from tucker_serve.paths import atomic_dir
 from tucker_serve.rope import basis_freqs, complex_basis_map
 from tucker_serve.sources import TOKENIZER_FILES, TUCKER_ARCH, ModelError, load_hf_model, load_tokenizer, resolve
@@ -32,8 +33,8 @@ class ConvertOptions:
     key_rank: int | None = None
     value_rank: int | None = None
     full_rank: bool = False
-    calib_text: str = "wiki"
-    calib_tokens: int = 8192
+    calib_text: str = "wiki,chat"  # text and the source's own chat answers (see calibration_tokens)
+    calib_tokens: int = 16384
     calib_window: int = 512
     dtype: str = "float32"
     key_metric: str = "attention"  # attention | query | plain (see key_bases)
@@ -52,7 +53,11 @@ def choose_ranks(s: AttentionShape, opt: ConvertOptions) -> tuple[int, int]:
         if not 1 <= opt.kv_ratio <= s.kv_width / 4:
             raise ModelError(f"--kv-ratio {opt.kv_ratio} must lie in [1, {s.kv_width / 4:g}] for this model")
         total = s.kv_width / opt.kv_ratio
-        key = 2 * round(total * default_key_fraction(opt.kv_ratio) / 2)
+        fraction = default_key_fraction(opt.kv_ratio)
+        if fraction == 0.5:  # equal widths (plain MQA: vLLM's own kernels), at least the asked compression
+            key = 2 * int(total // 4)
+            return min(key, full), min(key, full)
+        key = 2 * round(total * fraction / 2)
         return min(key, full), min(round(total) - key, full)
     if opt.key_rank is None or opt.value_rank is None:
         raise ModelError("--key-rank and --value-rank go together")
@@ -167,9 +172,19 @@ def convert_layer(attn, st: LayerStats, s: AttentionShape, r3: int, rt3: int, op
     return out, freqs, row
 
 
-def calibration_tokens(tokenizer, opt: ConvertOptions) -> torch.Tensor:
-    text = load_text(opt.calib_text, split="calib")
-    ids = tokenizer(text[: opt.calib_tokens * 12], add_special_tokens=False).input_ids[: opt.calib_tokens]
+def calibration_tokens(model, tokenizer, source_folder: Path, opt: ConvertOptions, progress: bool) -> torch.Tensor:
+    """`calib_tokens` tokens shared out over the comma-separated sources of `calib_text`: built-in
+    texts (calibration split), files, and `chat`, the source's own answers to the healing prompts."""
+    parts = [p.strip() for p in opt.calib_text.split(",") if p.strip()]
+    if not parts:
+        raise ModelError("--calib-text names no text")
+    share, ids = opt.calib_tokens // len(parts), []
+    for part in parts:
+        if part == "chat":
+            ids += source_chats(model, tokenizer, source_folder, min_tokens=share, progress=progress)[:share].tolist()
+        else:
+            text = load_text(part, split="calib")
+            ids += tokenizer(text[: share * 12], add_special_tokens=False).input_ids[:share]
     if len(ids) < opt.calib_window:
         raise ModelError(f"calibration text has {len(ids)} tokens; need at least {opt.calib_window}")
     return torch.tensor(ids[: len(ids) // opt.calib_window * opt.calib_window])
@@ -190,7 +205,7 @@ def convert(model_spec: str, out_dir, opt: ConvertOptions, progress: bool = True
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ModelError(f"--dtype {opt.dtype!r} must be float32, bfloat16 or float16")
     model, tokenizer = load_hf_model(source.folder), load_tokenizer(source.folder)
-    ids = calibration_tokens(tokenizer, opt)
+    ids = calibration_tokens(model, tokenizer, source.folder, opt, progress)
     stats = collect(model, ids, opt.calib_window, progress)
     state = {k: v for k, v in model.state_dict().items() if ".self_attn." not in k}
     if cfg.get("tie_word_embeddings"):

@@ -1,6 +1,11 @@
 """Healing: distil the source model into a converted one, training only the attention factors.
 
-Two phases, both on calibration text (never the evaluation split):
+Training data, never the evaluation splits or prompts: calibration text (wiki, news) and, for
+sequence-level distillation, chats of healing prompts (`tucker_serve.chat.heal_prompts`) with the
+source model's own greedy answers, generated first and packed into one token stream. `chat` sets
+the share of training windows drawn from the chats (0: text only, 1: chats only).
+
+Two phases:
 1. local: each layer's Tucker attention learns to reproduce the source attention's output on the
    source model's own activations (cached once; cheap, no LM head, layers independent);
 2. global: KL(source || Tucker) over the full vocabulary at every position of random windows,
@@ -20,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from tucker_serve.chat import source_chats
 from tucker_serve.evaluate import perplexity, text_windows
 from tucker_serve.model import TuckerLlama
 from tucker_serve.paths import atomic_dir
@@ -37,11 +43,17 @@ class HealOptions:
     lr: float = 2e-3  # relative: each tensor's step size is lr x its RMS (Adam steps are scale-free)
     seq: int = 256
     batch: int = 4
-    local_steps: int = 60  # per layer, matching each attention's output on cached source activations
+    # Per-layer phase (off by default): match each attention's output on cached source activations.
+    # At 1.5x and 5 CPU-minutes it bought less than the same time spent on KL steps (docs/quality.md).
+    local_steps: int = 0
+    local_share: float = 0.35  # with a minute budget, the most of it the per-layer phase may take
     local_tokens: int = 16384
     local_lr: float = 1e-2
     bf16: bool = True  # autocast the global phase to bfloat16 (fp32 master weights)
     text: str = "wiki,news"  # calibration splits, comma-separated
+    chat: float = 0.5  # share of training windows from the source's own chat answers
+    chat_prompts: int = 120  # passage prompts added to the written instructions
+    answer_tokens: int = 96  # longest source answer generated per prompt
     eval_text: str = "wiki"
     eval_tokens: int = 8192
     source: str | None = None  # default: the `source` recorded in tucker_report.json
@@ -53,6 +65,22 @@ def training_tokens(tokenizer, texts: str, count: int) -> torch.Tensor:
     parts = [tokenizer(load_text(t.strip(), "calib")[: count * 12], add_special_tokens=False).input_ids[:count]
              for t in texts.split(",")]
     return torch.tensor([i for part in parts for i in part])
+
+
+class Windows:
+    """Random training windows from a text stream and a chat stream, mixed by `chat_share`."""
+
+    def __init__(self, text: torch.Tensor, chats: torch.Tensor | None, chat_share: float) -> None:
+        self.streams = [s for s in (text, chats) if s is not None]
+        self.share = chat_share if chats is not None else 0.0
+
+    def sample(self, count: int, length: int) -> torch.Tensor:
+        rows = []
+        for _ in range(count):
+            stream = self.streams[-1] if torch.rand(()) < self.share else self.streams[0]
+            start = int(torch.randint(0, stream.numel() - length, ()))
+            rows.append(stream[start: start + length])
+        return torch.stack(rows)
 
 
 def attention_params(module) -> list[torch.nn.Parameter]:
@@ -112,15 +140,27 @@ def relative_error(attn, x, y, positions) -> float:
         return ((attn(x, positions) - y).square().sum() / y.square().sum()).item()
 
 
-def heal_layer(attn, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, batch: int = 4) -> tuple[float, float]:
-    """Fit one attention to the source outputs y on inputs x; keep the result only if it helps."""
+def budget_used(step: int, steps: int | None, start: float, seconds: float | None) -> float:
+    """How much of a budget of `steps` steps or `seconds` (whichever ends first) is spent, 0..1+."""
+    by_steps = step / steps if steps else 0.0
+    if seconds is None:
+        return by_steps
+    return max(by_steps, 1.0 if seconds <= 0 else (time.time() - start) / seconds)
+
+
+def heal_layer(attn, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, batch: int = 4,
+               seconds: float | None = None) -> tuple[float, float, int]:
+    """Fit one attention to the source outputs y on inputs x for `steps` steps or `seconds`,
+    whichever ends first; keep the result only if it helps."""
     positions = torch.arange(x.shape[1])
     before = relative_error(attn, x, y, positions)
     saved = {k: v.clone() for k, v in attn.state_dict().items()}
     params = attention_params(attn)
     optimizer = relative_adam(params, lr)
-    for step in range(steps):
-        set_schedule(optimizer, step / steps)
+    start, step = time.time(), 0
+    while (done := budget_used(step, steps, start, seconds)) < 1:
+        set_schedule(optimizer, done)
+        step += 1
         pick = torch.randint(0, x.shape[0], (batch,))
         loss = (attn(x[pick], positions) - y[pick]).square().sum() / y[pick].square().sum()
         optimizer.zero_grad(set_to_none=True)
@@ -130,22 +170,24 @@ def heal_layer(attn, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, ba
     if after >= before:
         attn.load_state_dict(saved)
         after = before
-    return before, after
+    return before, after, step
 
 
-def local_phase(student: TuckerLlama, teacher, tokens: torch.Tensor, opt: HealOptions, progress: bool):
-    n = min(opt.local_tokens, tokens.numel()) // LOCAL_WINDOW
-    x_all, y_all = cache_attention_io(teacher, tokens[: n * LOCAL_WINDOW].view(n, LOCAL_WINDOW))
+def local_phase(student: TuckerLlama, teacher, windows: Windows, opt: HealOptions, deadline: float | None,
+                progress: bool):
+    """Per-layer fitting; with a deadline, the layers share out the time left until it."""
+    x_all, y_all = cache_attention_io(teacher, windows.sample(opt.local_tokens // LOCAL_WINDOW, LOCAL_WINDOW))
     errors = []
     for i in tqdm(range(len(x_all)), desc="healing layers", unit="layer", disable=not progress):
         attn = student.model.layers[i].self_attn
-        errors.append(heal_layer(attn, x_all[i], y_all[i], opt.local_steps, opt.local_lr))
+        seconds = None if deadline is None else max(deadline - time.time(), 0.0) / (len(x_all) - i)
+        errors.append(heal_layer(attn, x_all[i], y_all[i], opt.local_steps, opt.local_lr, seconds=seconds))
         x_all[i] = y_all[i] = None  # free as we go
-    return [{"layer": i, "rel_error_before": round(b, 5), "rel_error_after": round(a, 5)}
-            for i, (b, a) in enumerate(errors)]
+    return [{"layer": i, "steps": n, "rel_error_before": round(b, 5), "rel_error_after": round(a, 5)}
+            for i, (b, a, n) in enumerate(errors)]
 
 
-def global_phase(student, teacher, tokens, opt: HealOptions, deadline: float | None, progress: bool):
+def global_phase(student, teacher, windows: Windows, opt: HealOptions, deadline: float | None, progress: bool):
     params = [p for block in student.model.layers for p in attention_params(block.self_attn)]
     optimizer = relative_adam(params, opt.lr)
     start, step, losses = time.time(), 0, []
@@ -153,13 +195,9 @@ def global_phase(student, teacher, tokens, opt: HealOptions, deadline: float | N
     bar = tqdm(total=opt.steps if budget is None else int(max(budget, 0)), disable=not progress,
                desc="healing (KL)", unit="step" if budget is None else "s")
     student.train()
-    while True:
-        done = step / opt.steps if budget is None else (time.time() - start) / max(budget, 1e-9)
-        if done >= 1:
-            break
+    while (done := budget_used(step, opt.steps, start, budget)) < 1:
         set_schedule(optimizer, done)
-        starts = torch.randint(0, tokens.numel() - opt.seq, (opt.batch,)).tolist()
-        batch = torch.stack([tokens[s: s + opt.seq] for s in starts])
+        batch = windows.sample(opt.batch, opt.seq)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opt.bf16):
             with torch.no_grad():
                 target = teacher(batch).logits
@@ -195,23 +233,33 @@ def heal(model_dir, out_dir, opt: HealOptions, progress: bool = True) -> dict:
             p.requires_grad_(True)
     teacher = load_hf_model(source.folder)
     tokenizer = load_tokenizer(folder.folder)
-    windows = text_windows(tokenizer, load_text(opt.eval_text, "eval"), opt.eval_tokens, 1024)
-    before = perplexity(student, windows, progress=False)
+    eval_windows = text_windows(tokenizer, load_text(opt.eval_text, "eval"), opt.eval_tokens, 1024) \
+        if opt.eval_tokens else None  # 0: no perplexity check (it costs a minute of the budget's time)
+    before = perplexity(student, eval_windows, progress=False) if eval_windows is not None else None
     tokens = training_tokens(tokenizer, opt.text, 400_000)
     start = time.time()
     deadline = start + opt.minutes * 60 if opt.minutes is not None else None
-    local = local_phase(student, teacher, tokens, opt, progress) if opt.local_steps else []
-    local_minutes = (time.time() - start) / 60
-    steps, losses = global_phase(student, teacher, tokens, opt, deadline, progress)
+    chats = source_chats(teacher, tokenizer, source.folder, opt.chat_prompts, opt.answer_tokens,
+                         progress) if opt.chat > 0 else None
+    windows = Windows(tokens, chats, opt.chat)
+    chat_minutes = (time.time() - start) / 60
+    local_deadline = None if deadline is None else time.time() + opt.local_share * (deadline - time.time())
+    wanted = opt.local_steps > 0 and (deadline is None or opt.local_share > 0)
+    local = local_phase(student, teacher, windows, opt, local_deadline, progress) if wanted else []
+    local_minutes = (time.time() - start) / 60 - chat_minutes
+    steps, losses = global_phase(student, teacher, windows, opt, deadline, progress)
     minutes = (time.time() - start) / 60
-    after = perplexity(student, windows, progress=False)
+    after = perplexity(student, eval_windows, progress=False) if eval_windows is not None else None
     report["healing"] = {
         **{k: v for k, v in asdict(opt).items() if k != "source"},
-        "source": source.spec, "local_minutes": round(local_minutes, 2), "global_steps": steps,
+        "source": source.spec, "chat_answer_minutes": round(chat_minutes, 2),
+        "chat_tokens": 0 if chats is None else chats.numel(), "local_minutes": round(local_minutes, 2),
+        "global_steps": steps,
         "minutes_done": round(minutes, 2), "tokens_trained": steps * opt.batch * opt.seq,
         "final_kl": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 5),
-        "perplexity_before": round(before.perplexity, 4), "perplexity_after": round(after.perplexity, 4),
-        "eval_tokens": after.tokens, "trained": list(TRAINED), "layers": local,
+        "perplexity_before": before and round(before.perplexity, 4),
+        "perplexity_after": after and round(after.perplexity, 4),
+        "eval_tokens": after and after.tokens, "trained": list(TRAINED), "layers": local,
     }
     save_folder(student, folder.folder, Path(out_dir), report)
     return report
