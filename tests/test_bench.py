@@ -1,5 +1,5 @@
-"""`tucker-serve bench --quick`: one run measures the source model and a 2x conversion through real
-vLLM engines and writes the table, the JSON and the plots."""
+"""`tucker-serve bench --quick`: one run measures the source model and a 2x conversion, each with a
+bf16 and an fp8 KV cache, through real vLLM engines, and writes the table, the JSON and the plot."""
 
 import json
 import shutil
@@ -11,28 +11,29 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
-def test_quick_bench_reports_capacity_speed_and_quality(converted, tmp_path):
+def test_quick_bench_reports_capacity_quality_and_speed_per_cache_dtype(converted, tmp_path):
     out = tmp_path / "bench"
     shutil.copytree(converted(2.0), out / "models" / "x2")  # the session's conversion; bench reuses it
-    cmd = [sys.executable, "-m", "tucker_cli", "bench", "--quick", "--kv-ratios", "2",
-           "--contexts", "128", "--batch-sizes", "1,4", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, "-m", "tucker_cli", "bench", "--quick", "--kv-ratios", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    result = json.loads((out / "results.json").read_text())
-    source, tucker = result["variants"]
-    assert (source["variant"], tucker["variant"]) == ("source", "tucker 2x")
-    assert tucker["compression_ratio"] == pytest.approx(2.0)
-    assert 2 * tucker["bytes_per_token"] == source["bytes_per_token"]
-    # vLLM's own block count for the same budget follows the byte formula
-    assert tucker["capacity_vs_source"] == pytest.approx(2.0, rel=0.02)
-    assert tucker["max_concurrency"]["128"] >= 2 * source["max_concurrency"]["128"] - 1
-    for v in (source, tucker):
-        assert [(d["batch"], d["context"]) for d in v["decode"]] == [(1, 128), (4, 128)]
-        assert all(d["tokens_per_s"] > 0 and d["tpot_ms"] > 0 and d["fits_in_cache"] for d in v["decode"])
-    assert all(d["speed_vs_source"] == 1 for d in source["decode"])
-    # compression costs quality: the 2x model is worse than the source, and not broken
+    rows = {(r["variant"], r["cache_dtype"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert set(rows) == {("source", "bfloat16"), ("source", "fp8"), ("tucker 2x", "bfloat16"), ("tucker 2x", "fp8")}
+    source, source_fp8 = rows["source", "bfloat16"], rows["source", "fp8"]
+    tucker, tucker_fp8 = rows["tucker 2x", "bfloat16"], rows["tucker 2x", "fp8"]
+    assert source["bytes_per_token"] == 30 * 384 * 2 and tucker_fp8["bytes_per_token"] == 30 * 192
+    assert [r["compression_vs_source_bf16"] for r in (source, source_fp8, tucker, tucker_fp8)] == [1, 2, 2, 4]
+    # vLLM's own block counts for the same budget follow the byte formula (within one block)
+    for r in rows.values():
+        assert r["tokens_per_gib"] == pytest.approx(2**30 / r["bytes_per_token"], rel=0.02)
+    # fp8 costs some quality, compression more; nothing breaks (measured on these 2,048 tokens: the 2x
+    # latent 37.1 -> 41.1 in fp8, +11%: its rounding error, not clamping, see docs/benchmarks.md)
     assert source["wiki_perplexity"] < tucker["wiki_perplexity"] < 4 * source["wiki_perplexity"]
-    assert "| tucker 2x | 192 |" in (out / "results.md").read_text()
-    for plot in ("capacity.png", "throughput.png", "perplexity.png"):
-        assert (out / plot).stat().st_size > 1000
+    assert tucker["wiki_perplexity"] < tucker_fp8["wiki_perplexity"] < 1.2 * tucker["wiki_perplexity"]
+    assert source_fp8["wiki_perplexity"] == pytest.approx(source["wiki_perplexity"], rel=0.05)
+    for r in rows.values():
+        assert [d["context"] for d in r["decode"]] == [256] and r["decode"][0]["tokens_per_s"] > 0
+    assert source["decode"][0]["speed_vs_source"] == 1
+    assert "| tucker 2x | fp8 | 5,760 |" in (out / "results.md").read_text()
+    assert (out / "frontier.png").stat().st_size > 1000

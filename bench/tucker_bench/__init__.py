@@ -1,6 +1,190 @@
-"""Benchmarks of tucker-serve: KV capacity, decode speed and quality through real vLLM engines
-(`engine`), and load on the HTTP server (`serving`). `tucker-serve bench` runs them."""
+"""`tucker-serve bench`: the source model and its Tucker conversions, each with a 16-bit and an fp8 KV
+cache, measured in one run through real vLLM engines (`engine`); optionally load on the HTTP server
+(`serving`). Writes results.json, results.md and PNG plots (`report`).
 
-from tucker_bench.engine import BenchOptions, run
+Per row (model x cache dtype): tokens per GiB as vLLM allocates them, compression against the
+source's bf16 cache, wiki and news perplexity and chat fidelity (question set, teacher-forced
+agreement with the source's answers, answers equal to the source's), all through the served path,
+and decode tokens/s at each context relative to the source with the same weights dtype and a
+16-bit cache.
+"""
 
-__all__ = ["BenchOptions", "run"]
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from tucker_serve import cache_layout as cl
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    model: str = "smollm2-135m"
+    kv_ratios: tuple[float, ...] = (1.2, 1.5, 2.0, 3.0, 4.0)  # 1.2 = what `tucker-serve serve` serves
+    tucker_models: tuple[str, ...] = ()  # Tucker folders to measure too (healed ones, say)
+    cache_dtypes: tuple[str, ...] = ("auto", "fp8")  # vLLM's --kv-cache-dtype; auto = the weights' dtype
+    dtype: str = "bfloat16"
+    contexts: tuple[int, ...] = (1024, 2048)
+    batch: int = 8
+    new_tokens: int = 48
+    kv_cache_gb: float = 1.0
+    ppl_tokens: int = 16384
+    chat: bool = True
+    eager: bool = True  # False: vLLM's torch.compile mode
+    out: Path = Path("runs/bench")
+    serving: bool = False
+    serving_ratio: float = 2.0  # the Tucker variant the serving benchmark compares with the source
+
+    @classmethod
+    def quick(cls, **kw) -> "BenchOptions":
+        return cls(**{"kv_ratios": (2.0,), "contexts": (256,), "batch": 4, "new_tokens": 16, "kv_cache_gb": 0.25,
+                      "ppl_tokens": 2048, "chat": False, **kw})
+
+
+@dataclass
+class Row:
+    name: str
+    folder: Path
+    cache_dtype: str
+    source: bool = False
+    results: dict = field(default_factory=dict)
+
+
+def rows(opt: BenchOptions, progress: bool) -> list[Row]:
+    """The source model and each Tucker model (conversions cached under out/), each per cache dtype."""
+    from tucker_serve.convert import ConvertOptions, convert
+    from tucker_serve.sources import resolve
+
+    source = resolve(opt.model)
+    if source.is_tucker:
+        raise ValueError(f"{opt.model} is already a Tucker checkpoint: bench takes the source model")
+    models = [("source", source.folder)]
+    for ratio in opt.kv_ratios:
+        folder = opt.out / "models" / f"x{ratio:g}"
+        if not (folder / "model.safetensors").is_file():
+            kind = ConvertOptions(full_rank=True) if ratio == 1 else ConvertOptions(kv_ratio=ratio)
+            convert(opt.model, folder, kind, progress=progress)
+        models.append((f"tucker {ratio:g}x", folder))
+    for spec in opt.tucker_models:
+        found = resolve(spec)
+        if not found.is_tucker:
+            raise ValueError(f"{spec} is not a Tucker folder")
+        models.append((f"tucker {found.folder.name}", found.folder))
+    return [Row(name, folder, dtype, name == "source") for name, folder in models for dtype in opt.cache_dtypes]
+
+
+def measure(row: Row, opt: BenchOptions, chat_set, windows: dict, bar) -> None:
+    """Everything about one row, on one engine."""
+    from tucker_bench import engine as e
+    from tucker_serve.sources import load_tokenizer
+
+    max_len = max(max(opt.contexts) + opt.new_tokens, 1024, chat_set["longest"] if chat_set else 0) + 8
+    llm = e.start_engine(row.folder, row.name, max_len, opt.kv_cache_gb, opt.dtype, row.cache_dtype, opt.eager)
+    vocab = len(load_tokenizer(row.folder))
+    try:
+        tokens, block = e.capacity(llm)
+        row.results.update(capacity_tokens=tokens, block_size=block)
+
+        async def run_all():
+            r = row.results
+            for text, w in windows.items():
+                r[f"{text}_perplexity"] = await e.served_perplexity(llm, w)
+                bar.update(1)
+            if chat_set:
+                answers = await e.served_answers(llm, chat_set["prompts"], chat_set["max_tokens"])
+                r["chat"] = chat_scores(answers, chat_set)
+                r["chat"]["agreement"] = await e.served_agreement(llm, chat_set["pairs"])
+                bar.update(1)
+            await e.decode_rate(llm, vocab, 1, 16, 4, seed=0)  # warm-up
+            r["decode"] = []
+            for ctx in opt.contexts:
+                r["decode"].append(await e.decode_rate(llm, vocab, opt.batch, ctx, opt.new_tokens, seed=ctx))
+                bar.update(1)
+
+        asyncio.run(run_all())
+    finally:
+        llm.shutdown()
+
+
+def chat_scores(answers: list[list[int]], chat_set: dict) -> dict:
+    from tucker_serve import chat
+
+    n = chat_set["questions"]
+    text = [chat_set["tokenizer"].decode(a, skip_special_tokens=True) for a in answers[:n]]
+    return {"questions": n, "correct": sum(chat.correct(text)),
+            "same_answer_as_source": sum(a == b for a, b in zip(answers, chat_set["reference"])) / len(answers)}
+
+
+def chat_set_of(opt: BenchOptions) -> dict | None:
+    """The evaluation prompts and the source's own answers (float32, cached), shared by every row."""
+    if not opt.chat:
+        return None
+    from tucker_bench.chat import source_answers
+    from tucker_serve import chat
+    from tucker_serve.prompts import QUESTIONS
+    from tucker_serve.sources import load_tokenizer, resolve
+
+    source = resolve(opt.model)
+    tokenizer = load_tokenizer(source.folder)
+    prompts = [chat.chat_ids(tokenizer, p) for p in chat.eval_prompts()]
+    reference = source_answers(source, prompts, 48)
+    return {"prompts": prompts, "reference": reference, "pairs": list(zip(prompts, reference)), "max_tokens": 48,
+            "questions": len(QUESTIONS), "tokenizer": tokenizer,
+            "longest": max(len(p) + len(a) for p, a in zip(prompts, reference))}
+
+
+def text_windows_of(opt: BenchOptions) -> dict[str, list[list[int]]]:
+    from tucker_serve.evaluate import text_windows
+    from tucker_serve.sources import load_tokenizer, resolve
+    from tucker_serve.text import load_text
+
+    tokenizer = load_tokenizer(resolve(opt.model).folder)
+    return {text: text_windows(tokenizer, load_text(text, "eval"), opt.ppl_tokens, 1024).tolist()
+            for text in ("wiki", "news")}
+
+
+def run(opt: BenchOptions, progress: bool = True) -> dict:
+    from tucker_bench.report import plots, tables
+
+    opt.out.mkdir(parents=True, exist_ok=True)
+    found = rows(opt, progress)
+    chat_set, windows = chat_set_of(opt), text_windows_of(opt)
+    steps = len(windows) + bool(chat_set) + len(opt.contexts)
+    with tqdm(total=steps * len(found), desc="bench", unit="step", disable=not progress) as bar:
+        for row in found:
+            bar.set_postfix(row=f"{row.name} {row.cache_dtype}")
+            measure(row, opt, chat_set, windows, bar)
+    result = summarize(found, opt)
+    if opt.serving:
+        from tucker_bench.serving import serving_benchmark
+
+        tucker = next((r for r in found if r.name == f"tucker {opt.serving_ratio:g}x"), found[-1])
+        result["serving"] = serving_benchmark(found[0], tucker, opt)
+    (opt.out / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    (opt.out / "results.md").write_text(tables(result))
+    plots(result, opt.out)
+    return result
+
+
+def summarize(found: list[Row], opt: BenchOptions) -> dict:
+    """Rows with their byte figures (from the formula module) and speeds relative to the source."""
+    bf16_source = cl.model_layout(json.loads((found[0].folder / "config.json").read_text()), "bfloat16")
+    base = next(r for r in found if r.source and r.cache_dtype == "auto").results["decode"]
+    out = []
+    for r in found:
+        dtype = opt.dtype if r.cache_dtype == "auto" else r.cache_dtype
+        layout = cl.model_layout(json.loads((r.folder / "config.json").read_text()), dtype)
+        decode = [{**d, "speed_vs_source": d["tokens_per_s"] / b["tokens_per_s"]}
+                  for d, b in zip(r.results["decode"], base)]
+        out.append({
+            "variant": r.name, "cache_dtype": dtype, "kv_width": layout.width,
+            "bytes_per_token": layout.bytes_per_token,
+            "compression_vs_source_bf16": bf16_source.bytes_per_token / layout.bytes_per_token,
+            "tokens_per_gib": r.results["capacity_tokens"] / opt.kv_cache_gb, **r.results, "decode": decode,
+        })
+    return {"options": {k: str(x) if isinstance(x, Path) else x for k, x in asdict(opt).items()},
+            "weights_dtype": opt.dtype, "rows": out}

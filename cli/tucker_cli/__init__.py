@@ -10,7 +10,7 @@ import sys
 from tucker_serve import cache_layout as cl
 from tucker_server.launcher import add_arguments as add_serve_arguments
 
-MODEL_HELP = "built-in name (smollm2-135m), Hugging Face folder, .gguf file or Tucker folder"
+MODEL_HELP = "built-in name (smollm2-135m, qwen2.5-coder-0.5b), Hugging Face folder, .gguf file or Tucker folder"
 SCHEMES = "mha:H,D | gqa:G,D | mla:RANK[,ROPE_DIM] | tucker:R3,RT3 | tucker-shared:R3"
 
 
@@ -64,25 +64,39 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from tucker_serve.evaluate import evaluate
+    if args.chat:
+        from tucker_bench.chat import chat_eval
 
-    result = evaluate(args.model, args.text, args.tokens, args.window, progress=not args.json)
-    if args.json:
-        print(json.dumps(result))
+        result = chat_eval(args.model, args.source, args.max_tokens, args.kv_cache_dtype, progress=not args.json)
+        summary = (f"{args.model}: {result['correct']}/{result['questions']} questions answered correctly "
+                   f"(source {result['source_correct']}); same answer as the source on "
+                   f"{result['same_answer_as_source']:.0%} of {result['prompts']} prompts")
+        if "agreement" in result:
+            summary += f"; teacher-forced top-1 agreement {result['agreement']:.3f}, KL {result['kl']:.4f}"
     else:
-        print(f"{args.model}: perplexity {result['perplexity']:.3f} on {result['tokens']:,} tokens of {args.text}")
+        from tucker_serve.evaluate import evaluate
+
+        result = evaluate(args.model, args.text, args.tokens, args.window, progress=not args.json)
+        summary = f"{args.model}: perplexity {result['perplexity']:.3f} on {result['tokens']:,} tokens of {args.text}"
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "answers"}) if args.json else summary)
     return 0
 
 
 def cmd_heal(args: argparse.Namespace) -> int:
     from tucker_serve.heal import HealOptions, heal
 
-    given = {k: getattr(args, k) for k in ("steps", "minutes", "lr", "seq", "batch", "text", "source", "local_steps")}
+    given = {k: getattr(args, k) for k in ("steps", "minutes", "lr", "seq", "batch", "text", "source", "local_steps",
+                                           "chat", "chat_prompts", "answer_tokens")}
     opt = HealOptions(**{k: v for k, v in given.items() if v is not None})
     h = heal(args.model, args.out, opt, progress=True)["healing"]
-    print(f"wrote {args.out}: perplexity {h['perplexity_before']:.3f} -> {h['perplexity_after']:.3f} "
-          f"after {h['local_steps']} local steps per layer and {h['global_steps']} KL steps "
-          f"({h['minutes_done']:.1f} min)")
+    print(f"wrote {args.out}: perplexity {h['perplexity_before']:.3f} -> {h['perplexity_after']:.3f} after "
+          f"{h['chat_answer_minutes']:.1f} min of source answers, {h['local_minutes']:.1f} min of per-layer fitting "
+          f"and {h['global_steps']} KL steps ({h['minutes_done']:.1f} min in all)")
     return 0
 
 
@@ -92,13 +106,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from tucker_bench import BenchOptions, run
 
     given = {"model": args.model, "out": Path(args.out), "serving": args.serving}
-    for name in ("kv_ratios", "contexts", "batch_sizes"):
+    lists = {"kv_ratios": float, "contexts": int, "cache_dtypes": str, "tucker_models": str}
+    for name, kind in lists.items():
         if getattr(args, name):
-            kind = float if name == "kv_ratios" else int
             given[name] = tuple(kind(x) for x in getattr(args, name).split(","))
-    for name in ("kv_cache_gb", "serving_ratio"):
+    for name in ("kv_cache_gb", "serving_ratio", "dtype", "batch"):
         if getattr(args, name) is not None:
             given[name] = getattr(args, name)
+    if args.no_chat:
+        given["chat"] = False
+    if args.compile:
+        given["eager"] = False
     opt = BenchOptions.quick(**given) if args.quick else BenchOptions(**given)
     run(opt)
     print((opt.out / "results.md").read_text())
@@ -132,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--full-rank", action="store_true", help="exact conversion (no compression)")
     rank.add_argument("--key-rank", type=int, help="latent key width r3 (with --value-rank)")
     conv.add_argument("--value-rank", type=int, help="latent value width rt3 (with --key-rank)")
-    conv.add_argument("--calib-text", default="wiki", help="wiki, news or a UTF-8 file")
-    conv.add_argument("--calib-tokens", type=int, default=8192)
+    conv.add_argument("--calib-text", default="wiki,chat",
+                      help="comma-separated: wiki, news, chat (the source's own answers to healing prompts) or UTF-8 files")
+    conv.add_argument("--calib-tokens", type=int, default=16384)
     conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     conv.add_argument("--key-metric", default="attention", choices=["attention", "query", "plain"],
                       help="key importance: attention-centred and query-weighted (default), query-weighted, or raw")
@@ -142,11 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--quiet", action="store_true", help="no progress bars")
     conv.set_defaults(func=cmd_convert)
 
-    ev = sub.add_parser("eval", help="perplexity on real text (non-overlapping windows)")
+    ev = sub.add_parser("eval", help="perplexity on real text, or chat fidelity against the source (--chat)")
     ev.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
     ev.add_argument("--text", default="wiki", help="wiki, news or a UTF-8 file")
     ev.add_argument("--tokens", type=int, default=16384)
     ev.add_argument("--window", type=int, default=1024)
+    ev.add_argument("--chat", action="store_true",
+                    help="chat fidelity through vLLM: question set answered correctly, answers equal to the "
+                         "source's, teacher-forced agreement and KL on the source's answers")
+    ev.add_argument("--source", help="the model to compare with (default: the one recorded at conversion)")
+    ev.add_argument("--max-tokens", type=int, default=48, help="answer length for --chat")
+    ev.add_argument("--kv-cache-dtype", default="auto", help="vLLM cache dtype for --chat (auto, fp8, ...)")
+    ev.add_argument("--out", help="also write the whole result (with every answer) to this JSON file")
     ev.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ev.set_defaults(func=cmd_eval)
 
@@ -156,24 +182,35 @@ def build_parser() -> argparse.ArgumentParser:
     budget = heal.add_mutually_exclusive_group(required=True)
     budget.add_argument("--steps", type=int, help="KL steps after the per-layer phase")
     budget.add_argument("--minutes", type=float, help="wall-clock budget for both phases")
-    heal.add_argument("--local-steps", type=int, help="per-layer steps matching attention outputs (default 60, 0 = skip)")
+    heal.add_argument("--local-steps", type=int, help="per-layer steps matching attention outputs before the KL phase (default 0 = skip; 60 is a sensible value)")
     heal.add_argument("--lr", type=float, help="peak learning rate (cosine schedule)")
     heal.add_argument("--seq", type=int, help="tokens per training window")
     heal.add_argument("--batch", type=int, help="windows per step")
     heal.add_argument("--text", help="calibration texts, comma-separated (default wiki,news)")
     heal.add_argument("--source", help="source model (default: the one recorded at conversion)")
+    heal.add_argument("--chat", type=float,
+                      help="share of training windows from the source's own answers to healing prompts "
+                           "(default 0.5; 0 = text only, 1 = chats only)")
+    heal.add_argument("--chat-prompts", type=int, help="passage prompts besides the written instructions (default 120)")
+    heal.add_argument("--answer-tokens", type=int, help="longest source answer per prompt (default 96)")
     heal.set_defaults(func=cmd_heal)
 
-    bench = sub.add_parser("bench", help="KV memory, decode speed and quality: source vs Tucker conversions")
+    bench = sub.add_parser("bench", help="KV capacity, quality and decode speed: the source and Tucker conversions, "
+                                         "each with a 16-bit and an fp8 cache, through vLLM")
     bench.add_argument("--model", default="smollm2-135m", help="the source model (" + MODEL_HELP + ")")
-    bench.add_argument("--kv-ratios", help="comma-separated, 1 = full-rank Tucker (default 1,2,3,4)")
-    bench.add_argument("--contexts", help="prompt tokens, comma-separated (default 256,1024,4096)")
-    bench.add_argument("--batch-sizes", help="concurrent requests, comma-separated (default 1,8,32)")
-    bench.add_argument("--kv-cache-gb", type=float, help="cache budget for every engine (default 4)")
+    bench.add_argument("--kv-ratios", help="conversions to measure, comma-separated, 1 = full rank (default 1.2,1.5,2,3,4)")
+    bench.add_argument("--tucker-models", help="Tucker folders to measure too, comma-separated (e.g. healed ones)")
+    bench.add_argument("--cache-dtypes", help="vLLM KV-cache dtypes per model (default auto,fp8; auto = --dtype)")
+    bench.add_argument("--dtype", help="weights dtype of every engine (default bfloat16)")
+    bench.add_argument("--contexts", help="prompt tokens for decode speed, comma-separated (default 1024,2048)")
+    bench.add_argument("--batch", type=int, help="concurrent requests for decode speed (default 8)")
+    bench.add_argument("--kv-cache-gb", type=float, help="cache budget for every engine (default 1)")
+    bench.add_argument("--no-chat", action="store_true", help="skip the chat-fidelity columns")
+    bench.add_argument("--compile", action="store_true", help="engines in vLLM's torch.compile mode (default eager)")
     bench.add_argument("--out", required=True, help="folder for results.json, results.md and plots")
     bench.add_argument("--quick", action="store_true", help="a small grid (minutes), for a smoke run")
     bench.add_argument("--serving", action="store_true",
-                       help="also load the HTTP server with concurrent streaming clients (source vs one ratio)")
+                       help="also load the HTTP server with vLLM's benchmark client (source vs one ratio)")
     bench.add_argument("--serving-ratio", type=float,
                        help="the Tucker ratio the serving benchmark uses (default 2, else the last of --kv-ratios)")
     bench.set_defaults(func=cmd_bench)

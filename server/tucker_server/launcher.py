@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -16,7 +17,10 @@ from tucker_serve.paths import cache_dir
 from tucker_serve.sources import ModelError, resolve
 
 DEFAULT_SOURCE = "smollm2-135m"
-DEFAULT_RATIO = 1.5
+# The best model a first `make serve` can build within 10 minutes on 2 cores (docs/quality.md):
+# 1.2x keeps the source's chat answers without healing; 1.5x needs about 10 minutes of it.
+DEFAULT_RATIO = 1.2
+DEFAULT_HEAL_MINUTES = 0.0
 MIDDLEWARE = "tucker_server.middleware.TuckerMiddleware"
 PLUGIN = "tucker"  # the name of our entry points in every vLLM plugin group
 
@@ -33,9 +37,11 @@ def option(default, kind, help_: str, **extra):
 
 @dataclass(frozen=True)
 class ServeOptions:
-    model: str | None = option(None, str, "built-in name (smollm2-135m), Hugging Face folder, .gguf file or "
-                                          "Tucker folder; default: smollm2-135m converted at 1.5x (cached)")
+    model: str | None = option(None, str, "built-in name (smollm2-135m, qwen2.5-coder-0.5b), Hugging Face folder, "
+                                          ".gguf file or Tucker folder; default: smollm2-135m converted at 1.2x (cached)")
     kv_ratio: float | None = option(None, float, "convert a source model at this KV compression first (cached)")
+    heal_minutes: float = option(DEFAULT_HEAL_MINUTES, float,
+                                 "CPU-minutes of healing after a conversion (0: none); cached with the model")
     host: str = option("127.0.0.1", str, "address to listen on")
     port: int = option(8000, int, "port to listen on")
     api_key: str | None = option(None, str, "require 'Authorization: Bearer KEY' on every path but /health")
@@ -43,6 +49,9 @@ class ServeOptions:
     max_model_len: int = option(2048, int, "context length in tokens")
     kv_cache_gb: float = option(1.0, float, "KV-cache size in GiB")
     dtype: str = option("float32", str, "weights and activations", choices=("float32", "bfloat16", "float16"))
+    kv_cache_dtype: str = option("auto", str, "KV-cache element type (auto: the weights' dtype; fp8 halves a 16-bit "
+                                              "cache and stacks with the Tucker latent)",
+                                 choices=("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2"))
     served_model_name: str | None = option(None, str, "the model id clients send")
     tensor_parallel_size: int = option(1, int, "GPUs (or CPU ranks) to shard the heads over")
 
@@ -90,24 +99,39 @@ def model_folder(opt: ServeOptions) -> tuple[Path, str]:
         return source.folder, opt.served_model_name or source.folder.name
     if ratio is None:
         return source.folder, opt.served_model_name or spec
-    name = f"{source.folder.name}-tucker-{ratio:g}x"
+    name = f"{source.folder.name}-tucker-{ratio:g}x" + (f"-healed{opt.heal_minutes:g}m" if opt.heal_minutes else "")
     folder = cache_dir() / "models" / name
     if not (folder / "model.safetensors").is_file():
-        from tucker_serve.convert import ConvertOptions, convert
-
-        print(f"converting {spec} to Tucker attention at {ratio:g}x KV compression (once, cached in {folder})")
-        convert(spec, folder, ConvertOptions(kv_ratio=ratio))
+        build(spec, ratio, opt.heal_minutes, folder)
     default_name = f"{DEFAULT_SOURCE}-tucker" if opt.model is None and opt.kv_ratio is None else name
     return folder, opt.served_model_name or default_name
 
 
-def vllm_arguments(opt: ServeOptions, folder: Path, name: str) -> list[str]:
-    """vLLM server arguments for our options (pass-through arguments come after and win)."""
+def build(spec: str, ratio: float, heal_minutes: float, folder: Path) -> None:
+    """Convert (calibrated on text and the source's own chat answers), then heal; once, cached."""
+    from tucker_serve.convert import ConvertOptions, convert
+
+    converted = folder.with_name(f"{folder.name}.converted") if heal_minutes else folder
+    print(f"building {folder.name}: {spec} converted to Tucker attention at {ratio:g}x KV compression"
+          + (f", then healed for {heal_minutes:g} CPU-minutes" if heal_minutes else "") + " (once)", flush=True)
+    if not (converted / "model.safetensors").is_file():
+        convert(spec, converted, ConvertOptions(kv_ratio=ratio))
+    if heal_minutes:
+        from tucker_serve.heal import HealOptions, heal
+
+        heal(converted, folder, HealOptions(minutes=heal_minutes, eval_tokens=0))
+        shutil.rmtree(converted, ignore_errors=True)
+
+
+def vllm_arguments(opt: ServeOptions, folder: Path, name: str, eager: bool) -> list[str]:
+    """vLLM server arguments for our options (pass-through arguments come after and win). `eager`
+    (CPU): skip torch.compile, which costs start-up there and bought no decode speed (docs/benchmarks.md);
+    on CUDA vLLM's compiled mode with CUDA graphs stays on."""
     return ["--model", str(folder), "--served-model-name", name, "--host", opt.host, "--port", str(opt.port),
-            "--dtype", opt.dtype, "--max-model-len", str(opt.max_model_len),
+            "--dtype", opt.dtype, "--kv-cache-dtype", opt.kv_cache_dtype, "--max-model-len", str(opt.max_model_len),
             "--kv-cache-memory-bytes", str(int(opt.kv_cache_gb * 2**30)),
             "--tensor-parallel-size", str(opt.tensor_parallel_size),
-            "--enforce-eager", "--shutdown-timeout", "30", "--middleware", MIDDLEWARE]
+            *(["--enforce-eager"] if eager else []), "--shutdown-timeout", "30", "--middleware", MIDDLEWARE]
 
 
 def plugin_environment(opt: ServeOptions, environ=os.environ) -> None:
@@ -144,11 +168,12 @@ def run(opt: ServeOptions, passthrough: list[str]) -> int:
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
+    from vllm.platforms import current_platform
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     cli_env_setup()
     parser = make_arg_parser(FlexibleArgumentParser(prog="tucker-serve serve --", description="vLLM server options"))
-    args = parser.parse_args([*vllm_arguments(opt, folder, name), *passthrough])
+    args = parser.parse_args([*vllm_arguments(opt, folder, name, current_platform.is_cpu()), *passthrough])
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
     ServeSubcommand.cmd(args)
