@@ -108,6 +108,14 @@ class LatentRotaryEmbedding(RotaryEmbedding):
         cos, sin = rope_cos_sin(self.latent_freqs, torch.arange(self.max_position_embeddings))
         return torch.cat((cos, sin), -1).float()
 
+    def forward_cpu(self, positions, query, key=None):
+        # vLLM's C++ CPU kernel rotates in vectors of 8 pairs: with bfloat16 a latent of 27 pairs
+        # (SmolLM2 at 4x, r3 = 54) crashed it (segfault in BF16Vec8::save). Other widths take
+        # vLLM's PyTorch version of the same op.
+        if (self.rotary_dim // 2) % 8:
+            return self.forward_native(positions, query, key)
+        return super().forward_cpu(positions, query, key)
+
 
 def latent_backend(r3: int, rt3: int, shared: bool, kv_cache_dtype: str):
     """None (vLLM selects its own backend) for plain MQA latents it supports; else a TUCKER backend.
