@@ -24,7 +24,7 @@ from tucker_serve.chat import source_chats
 from tucker_serve.paths import atomic_dir
 from tucker_serve.rope import basis_freqs, complex_basis_map
 from tucker_serve.sources import TOKENIZER_FILES, TUCKER_ARCH, ModelError, load_hf_model, load_tokenizer, resolve
-from tucker_serve.text import load_text
+from tucker_serve.text import text_tokens
 
 
 @dataclass(frozen=True)
@@ -183,8 +183,7 @@ def calibration_tokens(model, tokenizer, source_folder: Path, opt: ConvertOption
         if part == "chat":
             ids += source_chats(model, tokenizer, source_folder, min_tokens=share, progress=progress)[:share].tolist()
         else:
-            text = load_text(part, split="calib")
-            ids += tokenizer(text[: share * 12], add_special_tokens=False).input_ids[:share]
+            ids += text_tokens(tokenizer, part, share)
     if len(ids) < opt.calib_window:
         raise ModelError(f"calibration text has {len(ids)} tokens; need at least {opt.calib_window}")
     return torch.tensor(ids[: len(ids) // opt.calib_window * opt.calib_window])

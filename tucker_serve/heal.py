@@ -30,7 +30,7 @@ from tucker_serve.evaluate import perplexity, text_windows
 from tucker_serve.model import TuckerLlama
 from tucker_serve.paths import atomic_dir
 from tucker_serve.sources import TOKENIZER_FILES, ModelError, load_hf_model, load_tokenizer, resolve
-from tucker_serve.text import load_text
+from tucker_serve.text import load_text, text_tokens
 
 TRAINED = ("q_core", "k_latent", "v_latent", "o_core")
 LOCAL_WINDOW = 512
@@ -58,13 +58,6 @@ class HealOptions:
     eval_tokens: int = 8192
     source: str | None = None  # default: the `source` recorded in tucker_report.json
     seed: int = 0
-
-
-def training_tokens(tokenizer, texts: str, count: int) -> torch.Tensor:
-    """Token ids of the calibration splits, `count` per corpus, corpora one after the other."""
-    parts = [tokenizer(load_text(t.strip(), "calib")[: count * 12], add_special_tokens=False).input_ids[:count]
-             for t in texts.split(",")]
-    return torch.tensor([i for part in parts for i in part])
 
 
 class Windows:
@@ -236,7 +229,7 @@ def heal(model_dir, out_dir, opt: HealOptions, progress: bool = True) -> dict:
     eval_windows = text_windows(tokenizer, load_text(opt.eval_text, "eval"), opt.eval_tokens, 1024) \
         if opt.eval_tokens else None  # 0: no perplexity check (it costs a minute of the budget's time)
     before = perplexity(student, eval_windows, progress=False) if eval_windows is not None else None
-    tokens = training_tokens(tokenizer, opt.text, 400_000)
+    tokens = torch.tensor([i for t in opt.text.split(",") for i in text_tokens(tokenizer, t.strip(), 400_000)])
     start = time.time()
     deadline = start + opt.minutes * 60 if opt.minutes is not None else None
     chats = source_chats(teacher, tokenizer, source.folder, opt.chat_prompts, opt.answer_tokens,

@@ -89,3 +89,8 @@ def load_text(source: str, split: str = "eval") -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"text file {path} is not UTF-8: {exc}") from None
+
+
+def text_tokens(tokenizer, source: str, count: int, split: str = "calib") -> list[int]:
+    """The first `count` token ids of a text (`load_text`), tokenizing only the part they need."""
+    return tokenizer(load_text(source, split)[: count * 12], add_special_tokens=False).input_ids[:count]
