@@ -9,10 +9,11 @@ greedy answers to every evaluation prompt. The source's answers are cached on di
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import json
 from pathlib import Path
 
+from tucker_bench.engine import served_answers, start_engine
 from tucker_serve import chat
 from tucker_serve.paths import cache_dir
 from tucker_serve.prompts import QUESTIONS
@@ -22,32 +23,21 @@ from tucker_serve.sources import ModelSource, load_tokenizer, resolve
 def generate(folder: Path, prompt_ids: list[list[int]], max_tokens: int, kv_cache_dtype: str = "auto",
              dtype: str = "float32") -> list[list[int]]:
     """Greedy answers of one vLLM engine to tokenized prompts."""
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    from tucker_server.launcher import configure_cpu
-
-    configure_cpu(1)
-    llm = LLM(model=str(folder), dtype=dtype, kv_cache_dtype=kv_cache_dtype, enforce_eager=True, seed=0,
-              max_model_len=max(len(p) for p in prompt_ids) + max_tokens + 8, kv_cache_memory_bytes=2**29)
+    max_len = max(len(p) for p in prompt_ids) + max_tokens + 8
+    llm = start_engine(folder, folder.name, max_len, 0.5, dtype, kv_cache_dtype)
     try:
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, detokenize=False)
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outputs]
+        return asyncio.run(served_answers(llm, prompt_ids, max_tokens))
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        llm.shutdown()
 
 
 def source_answers(source: ModelSource, prompt_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """The source's greedy answers (vLLM, float32), computed once per source, prompt set and length."""
-    key = hashlib.sha1(json.dumps([str(source.folder.resolve()), prompt_ids, max_tokens]).encode()).hexdigest()[:12]
-    path = cache_dir() / "chat" / f"{source.folder.name}-{key}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    answers = generate(source.folder, prompt_ids, max_tokens)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(answers))
-    return answers
+    """The source's greedy answers (vLLM, float32), each computed once per source and answer length."""
+    cache = chat.AnswerCache(cache_dir() / "chat" / f"{source.folder.name}-served-{max_tokens}.json")
+    missing = [p for p in prompt_ids if cache.get(p) is None]
+    if missing:
+        cache.put(missing, generate(source.folder, missing, max_tokens))
+    return [cache.get(p) for p in prompt_ids]
 
 
 def source_of(model: ModelSource, source_spec: str | None) -> ModelSource:
