@@ -38,6 +38,7 @@ class BenchOptions:
     out: Path = Path("runs/bench")
     serving: bool = False
     serving_ratio: float = 2.0  # the Tucker variant the serving benchmark compares with the source
+    resume: bool = False  # read back rows an interrupted run with the same options measured
 
     @classmethod
     def quick(cls, **kw) -> "BenchOptions":
@@ -147,6 +148,37 @@ def text_windows_of(opt: BenchOptions) -> dict[str, list[list[int]]]:
             for text in ("wiki", "news")}
 
 
+class Partial:
+    """Rows measured so far, in out/rows.partial.json after each row, so that a crash loses at most
+    one row. With `resume`, rows measured earlier with the same options are read back instead of
+    measured again (their speeds then come from another run than the rest)."""
+
+    KEEP = ("model", "cache_dtypes", "dtype", "contexts", "batch", "new_tokens", "kv_cache_gb", "ppl_tokens",
+            "chat", "eager")
+
+    def __init__(self, opt: BenchOptions) -> None:
+        self.path = opt.out / "rows.partial.json"
+        self.options = json.loads(json.dumps({k: getattr(opt, k) for k in self.KEEP}))
+        saved = json.loads(self.path.read_text()) if opt.resume and self.path.is_file() else {}
+        self.rows = saved.get("rows", {}) if saved.get("options") == self.options else {}
+
+    @staticmethod
+    def key(row: Row) -> str:
+        return f"{row.name} | {row.cache_dtype} | {row.folder.resolve()}"
+
+    def restore(self, row: Row) -> bool:
+        if self.key(row) not in self.rows:
+            return False
+        row.results = {**self.rows[self.key(row)], "resumed": True}
+        return True
+
+    def save(self, row: Row) -> None:
+        self.rows[self.key(row)] = row.results
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"options": self.options, "rows": self.rows}, indent=1))
+        tmp.replace(self.path)
+
+
 def run(opt: BenchOptions, progress: bool = True) -> dict:
     from tucker_bench.report import plots, tables
 
@@ -154,10 +186,15 @@ def run(opt: BenchOptions, progress: bool = True) -> dict:
     found = rows(opt, progress)
     chat_set, windows = chat_set_of(opt), text_windows_of(opt)
     steps = len(windows) + bool(chat_set) + len(opt.contexts)
+    partial = Partial(opt)
     with tqdm(total=steps * len(found), desc="bench", unit="step", disable=not progress) as bar:
         for row in found:
             bar.set_postfix(row=f"{row.name} {row.cache_dtype}")
+            if partial.restore(row):
+                bar.update(steps)
+                continue
             measure(row, opt, chat_set, windows, bar)
+            partial.save(row)
     result = summarize(found, opt)
     if opt.serving:
         from tucker_bench.serving import serving_benchmark

@@ -105,7 +105,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from tucker_bench import BenchOptions, run
 
-    given = {"model": args.model, "out": Path(args.out), "serving": args.serving}
+    given = {"model": args.model, "out": Path(args.out), "serving": args.serving, "resume": args.resume}
     lists = {"kv_ratios": float, "contexts": int, "cache_dtypes": str, "tucker_models": str}
     for name, kind in lists.items():
         if getattr(args, name):
@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compile", action="store_true", help="engines in vLLM's torch.compile mode (default eager)")
     bench.add_argument("--out", required=True, help="folder for results.json, results.md and plots")
     bench.add_argument("--quick", action="store_true", help="a small grid (minutes), for a smoke run")
+    bench.add_argument("--resume", action="store_true",
+                       help="keep the rows an interrupted run with the same options measured (out/rows.partial.json)")
     bench.add_argument("--serving", action="store_true",
                        help="also load the HTTP server with vLLM's benchmark client (source vs one ratio)")
     bench.add_argument("--serving-ratio", type=float,
