@@ -37,3 +37,13 @@ def test_quick_bench_reports_capacity_quality_and_speed_per_cache_dtype(converte
     assert source["decode"][0]["speed_vs_source"] == 1
     assert "| tucker 2x | fp8 | 5,760 |" in (out / "results.md").read_text()
     assert (out / "frontier.png").stat().st_size > 1000
+
+    # every measured row was kept as it finished; --resume reads them back instead of measuring again
+    partial = json.loads((out / "rows.partial.json").read_text())["rows"]
+    assert len(partial) == 4
+    (out / "results.json").unlink()
+    proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    again = {(r["variant"], r["cache_dtype"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert all(r["resumed"] for r in again.values())
+    assert again["tucker 2x", "fp8"]["wiki_perplexity"] == tucker_fp8["wiki_perplexity"]
