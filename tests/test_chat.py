@@ -84,3 +84,27 @@ def test_chat_evaluation_scores_a_drifting_model_below_its_source(smollm2, conve
     assert drifting["agreement"] < 0.9 and drifting["kl"] > 0.1
     assert drifting["same_answer_as_source"] < 0.5
     assert len(drifting["answers"]) == drifting["prompts"] == len(QUESTIONS) + 24
+
+
+@pytest.mark.slow
+def test_healing_for_an_fp8_cache_trains_through_the_rounding(converted, tmp_path):
+    from tucker_serve.evaluate import perplexity, text_windows
+    from tucker_serve.heal import HealOptions, heal
+    from tucker_serve.model import TuckerLlama
+    from tucker_serve.sources import ModelError, load_tokenizer
+    from tucker_serve.text import load_text
+
+    with pytest.raises(ModelError, match="kv-cache-dtype 'int8'"):
+        heal(converted(2.0), tmp_path / "bad", HealOptions(steps=1, kv_cache_dtype="int8"), progress=False)
+    opt = HealOptions(steps=4, chat=0.0, seq=128, batch=2, eval_tokens=2048, kv_cache_dtype="fp8")
+    report = heal(converted(2.0), tmp_path / "fp8", opt, progress=False)["healing"]
+    windows = text_windows(load_tokenizer(converted(2.0)), load_text("wiki", "eval"), 2048, 1024)
+    ppl = {dtype: perplexity(TuckerLlama.from_pretrained(converted(2.0), cache_dtype=dtype), windows,
+                             progress=False).perplexity for dtype in (None, torch.float8_e4m3fn)}
+    # the healing loop saw the latent as vLLM's fp8 cache stores it, and trained through the rounding
+    assert report["kv_cache_dtype"] == "fp8" and report["global_steps"] == 4
+    assert report["perplexity_before"] == pytest.approx(ppl[torch.float8_e4m3fn], rel=1e-4)
+    assert ppl[torch.float8_e4m3fn] > 1.01 * ppl[None]
+    before, after = TuckerLlama.from_pretrained(converted(2.0)), TuckerLlama.from_pretrained(tmp_path / "fp8")
+    changed = [n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters()) if not torch.equal(a, b)]
+    assert changed and all(".self_attn." in n for n in changed)

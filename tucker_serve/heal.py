@@ -58,6 +58,13 @@ class HealOptions:
     eval_tokens: int = 8192
     source: str | None = None  # default: the `source` recorded in tucker_report.json
     seed: int = 0
+    # The serving cache the model is healed for: "fp8" (e4m3, vLLM's unit scales) rounds the latent
+    # keys and values in every training forward (gradients pass straight through the rounding).
+    kv_cache_dtype: str = "auto"
+
+
+FP8_CACHES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+              "fp8_e5m2": torch.float8_e5m2}
 
 
 class Windows:
@@ -218,7 +225,9 @@ def heal(model_dir, out_dir, opt: HealOptions, progress: bool = True) -> dict:
     report = json.loads((folder.folder / "tucker_report.json").read_text())
     source = resolve(opt.source or report["source"])
     torch.manual_seed(opt.seed)
-    student = TuckerLlama.from_pretrained(folder.folder)
+    if opt.kv_cache_dtype not in FP8_CACHES:
+        raise ModelError(f"--kv-cache-dtype {opt.kv_cache_dtype!r}: healing knows {', '.join(FP8_CACHES)}")
+    student = TuckerLlama.from_pretrained(folder.folder, cache_dtype=FP8_CACHES[opt.kv_cache_dtype])
     for p in student.parameters():
         p.requires_grad_(False)
     for block in student.model.layers:
