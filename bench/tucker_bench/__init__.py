@@ -182,6 +182,8 @@ class Partial:
 def run(opt: BenchOptions, progress: bool = True) -> dict:
     from tucker_bench.report import plots, tables
 
+    if not opt.cache_dtypes or not opt.contexts:
+        raise ValueError("bench needs at least one cache dtype and one context")
     opt.out.mkdir(parents=True, exist_ok=True)
     found = rows(opt, progress)
     chat_set, windows = chat_set_of(opt), text_windows_of(opt)

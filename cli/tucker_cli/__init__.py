@@ -91,7 +91,7 @@ def cmd_heal(args: argparse.Namespace) -> int:
     from tucker_serve.heal import HealOptions, heal
 
     given = {k: getattr(args, k) for k in ("steps", "minutes", "lr", "seq", "batch", "text", "source", "local_steps",
-                                           "chat", "chat_prompts", "answer_tokens")}
+                                           "chat", "chat_prompts", "answer_tokens", "kv_cache_dtype")}
     opt = HealOptions(**{k: v for k, v in given.items() if v is not None})
     h = heal(args.model, args.out, opt, progress=True)["healing"]
     print(f"wrote {args.out}: perplexity {h['perplexity_before']:.3f} -> {h['perplexity_after']:.3f} after "
@@ -108,8 +108,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     given = {"model": args.model, "out": Path(args.out), "serving": args.serving, "resume": args.resume}
     lists = {"kv_ratios": float, "contexts": int, "cache_dtypes": str, "tucker_models": str}
     for name, kind in lists.items():
-        if getattr(args, name):
-            given[name] = tuple(kind(x) for x in getattr(args, name).split(","))
+        if getattr(args, name) is not None:  # "" = none (--kv-ratios "" with --tucker-models: only those)
+            given[name] = tuple(kind(x) for x in getattr(args, name).split(",") if x.strip())
     for name in ("kv_cache_gb", "serving_ratio", "dtype", "batch"):
         if getattr(args, name) is not None:
             given[name] = getattr(args, name)
@@ -193,12 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default 0.5; 0 = text only, 1 = chats only)")
     heal.add_argument("--chat-prompts", type=int, help="passage prompts besides the written instructions (default 120)")
     heal.add_argument("--answer-tokens", type=int, help="longest source answer per prompt (default 96)")
+    heal.add_argument("--kv-cache-dtype", help="the cache the model will be served with: fp8 rounds the latent in "
+                                               "training as vLLM's fp8 cache stores it (default auto: no rounding)")
     heal.set_defaults(func=cmd_heal)
 
     bench = sub.add_parser("bench", help="KV capacity, quality and decode speed: the source and Tucker conversions, "
                                          "each with a 16-bit and an fp8 cache, through vLLM")
     bench.add_argument("--model", default="smollm2-135m", help="the source model (" + MODEL_HELP + ")")
-    bench.add_argument("--kv-ratios", help="conversions to measure, comma-separated, 1 = full rank (default 1.2,1.5,2,3,4)")
+    bench.add_argument("--kv-ratios", help="conversions to measure, comma-separated, 1 = full rank (default 1.2,1.5,2,3,4; \"\" = none)")
     bench.add_argument("--tucker-models", help="Tucker folders to measure too, comma-separated (e.g. healed ones)")
     bench.add_argument("--cache-dtypes", help="vLLM KV-cache dtypes per model (default auto,fp8; auto = --dtype)")
     bench.add_argument("--dtype", help="weights dtype of every engine (default bfloat16)")
