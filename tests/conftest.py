@@ -77,7 +77,8 @@ def serve_process(folder, log_path, *args, env=None):
     import sys
 
     port = free_port()
-    cmd = [sys.executable, "-m", "tucker_cli", "serve", "--model", str(folder), "--port", str(port), *args]
+    cmd = [sys.executable, "-m", "tucker_cli", "serve", "--model", str(folder), "--port", str(port),
+           "--enforce-eager", *args]  # tests skip the start-up compile
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         try:

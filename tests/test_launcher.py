@@ -32,15 +32,14 @@ def test_bad_environment_values_name_the_variable(env, needle):
 
 def test_vllm_arguments_carry_our_options_and_the_middleware(tmp_path):
     args = vllm_arguments(ServeOptions(kv_cache_gb=0.5, port=8123, dtype="bfloat16", kv_cache_dtype="fp8"),
-                          tmp_path, "m", eager=True)
+                          tmp_path, "m")
     pairs = dict(zip(args[::2], args[1::2]))
     assert pairs["--model"] == str(tmp_path) and pairs["--served-model-name"] == "m"
     assert pairs["--kv-cache-memory-bytes"] == str(2**29) and pairs["--port"] == "8123"
     assert pairs["--dtype"] == "bfloat16" and pairs["--kv-cache-dtype"] == "fp8"
     assert args[args.index("--middleware") + 1] == MIDDLEWARE
     assert "--shutdown-timeout" in args  # SIGTERM drains in-flight requests
-    assert "--enforce-eager" in args
-    assert "--enforce-eager" not in vllm_arguments(ServeOptions(), tmp_path, "m", eager=False)  # CUDA: graphs
+    assert "--enforce-eager" not in args  # vLLM's compiled mode (CUDA graphs on CUDA), measured faster on CPU too
 
 
 def test_unknown_serve_arguments_pass_through_to_vllm_in_order():
