@@ -28,6 +28,7 @@ from tqdm import tqdm
 from tucker_serve.chat import source_chats
 from tucker_serve.evaluate import perplexity, text_windows
 from tucker_serve.model import TuckerLlama
+from tucker_serve.ops.paged import FP8_CACHE_DTYPES
 from tucker_serve.paths import atomic_dir
 from tucker_serve.sources import TOKENIZER_FILES, ModelError, load_hf_model, load_tokenizer, resolve
 from tucker_serve.text import load_text, text_tokens
@@ -63,8 +64,7 @@ class HealOptions:
     kv_cache_dtype: str = "auto"
 
 
-FP8_CACHES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
-              "fp8_e5m2": torch.float8_e5m2}
+FP8_CACHES = {"auto": None, **FP8_CACHE_DTYPES}
 
 
 class Windows:

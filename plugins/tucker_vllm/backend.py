@@ -28,13 +28,12 @@ from vllm.v1.attention.backend import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
-from tucker_serve.ops.paged import PagedBatch, paged_attention, write_latent_cache
+from tucker_serve.ops.paged import FP8_CACHE_DTYPES, PagedBatch, paged_attention, write_latent_cache
 
 BACKEND_NAME = "TUCKER"
 SHARED_BACKEND_NAME = "TUCKER_SHARED"
 # vLLM's --kv-cache-dtype values, and the element type an fp8 cache is read as (None: the cache's own)
-CACHE_DTYPES = {"auto": None, "float32": None, "bfloat16": None, "float16": None,
-                "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+CACHE_DTYPES = {"auto": None, "float32": None, "bfloat16": None, "float16": None, **FP8_CACHE_DTYPES}
 
 
 @dataclass(frozen=True)

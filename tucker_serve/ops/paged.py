@@ -20,6 +20,10 @@ import torch.nn.functional as F
 from tucker_serve.rope import apply_rope, rope_cos_sin
 
 
+# vLLM's fp8 --kv-cache-dtype values and the element type each stores
+FP8_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
 def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Cast to the cache's element type; fp8 saturates at its largest finite value (as vLLM's kernels do)."""
     if dtype.itemsize == 1:
