@@ -128,7 +128,7 @@ def source_chats(model, tokenizer, folder: Path, passage_prompts: int = 120, ans
     model and answer length, then read from the cache folder."""
     prompts = [chat_ids(tokenizer, p) for p in heal_prompts(passage_prompts)]
     random.Random(0).shuffle(prompts)
-    cache = AnswerCache(cache_dir() / "chat" / f"{Path(folder).name}-answers-{answer_tokens}.json")
+    cache = AnswerCache.of(folder, f"answers-{answer_tokens}")
     stream: list[int] = []
     for start in range(0, len(prompts), 64):
         chunk = prompts[start: start + 64]
@@ -147,6 +147,12 @@ class AnswerCache:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.answers = json.loads(path.read_text()) if path.is_file() else {}
+
+    @classmethod
+    def of(cls, folder, kind: str) -> "AnswerCache":
+        """The cache of one model folder's answers of one kind; two folders of one name stay apart."""
+        where = hashlib.sha1(str(Path(folder).resolve()).encode()).hexdigest()[:8]
+        return cls(cache_dir() / "chat" / f"{Path(folder).name}-{where}-{kind}.json")
 
     @staticmethod
     def key(prompt: list[int]) -> str:

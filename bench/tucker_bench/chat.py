@@ -15,7 +15,6 @@ from pathlib import Path
 
 from tucker_bench.engine import served_answers, start_engine
 from tucker_serve import chat
-from tucker_serve.paths import cache_dir
 from tucker_serve.prompts import QUESTIONS
 from tucker_serve.sources import ModelSource, load_tokenizer, resolve
 
@@ -33,7 +32,7 @@ def generate(folder: Path, prompt_ids: list[list[int]], max_tokens: int, kv_cach
 
 def source_answers(source: ModelSource, prompt_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
     """The source's greedy answers (vLLM, float32), each computed once per source and answer length."""
-    cache = chat.AnswerCache(cache_dir() / "chat" / f"{source.folder.name}-served-{max_tokens}.json")
+    cache = chat.AnswerCache.of(source.folder, f"served-{max_tokens}")
     missing = [p for p in prompt_ids if cache.get(p) is None]
     if missing:
         cache.put(missing, generate(source.folder, missing, max_tokens))
