@@ -1,6 +1,9 @@
 """Where an fp8 latent cache loses quality: the reference model's wiki perplexity with its latent
 keys and values stored as float, as fp8 e4m3 with vLLM's unit scales, as e4m3 with a per-tensor
-scale that rules out clamping (max |x| / 448), and as e5m2 (wider range, fewer mantissa bits).
+scale that rules out clamping (max |x| / 448), as e5m2 (wider range, fewer mantissa bits), and as
+vLLM 0.32's CPU attention kernel stores e4m3 numbers that were not rounded first (it truncates them
+toward zero; the served model rounds its latents to nearest before vLLM stores them, which is the
+"e4m3 unit scale" row).
 
     .venv/bin/python bench/fp8_scales.py runs/bench-peer/models/x2 --out docs/bench/fp8_scales.json
 """
@@ -15,11 +18,34 @@ import torch
 
 from tucker_serve.evaluate import perplexity, text_windows
 from tucker_serve.model import TuckerLlama
-from tucker_serve.ops.paged import to_cache_dtype
+from tucker_serve.ops.paged import FP8_CACHE_DTYPES, to_cache_dtype
 from tucker_serve.sources import load_tokenizer
 from tucker_serve.text import load_text
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def vllm_cpu_store(x: torch.Tensor, kv_cache_dtype: str) -> torch.Tensor:
+    """What vLLM's CPU attention reads back (float32) for the numbers x stored in an fp8 cache with
+    unit scale: they go through its `cpu_attn_reshape_and_cache` as the values of whole blocks. The
+    store is monotone and element-wise, so sorting the stored bytes pairs them with the sorted
+    inputs, whatever the kernel's layout inside a block."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    block, width = 32, 64
+    flat = x.reshape(-1)
+    blocks = -(-flat.numel() // (block * width))
+    padded = torch.cat((flat, flat[:1].expand(blocks * block * width - flat.numel())))  # equal in, equal out
+    values = padded.view(blocks * block, 1, width)
+    key_cache, value_cache = torch.zeros(blocks, 1, 2 * block, width, dtype=torch.uint8).chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(values, values, key_cache, value_cache, torch.arange(blocks * block),
+                                   _get_attn_isa(x.dtype, block, width, kv_cache_dtype), k_scale=1.0, v_scale=1.0,
+                                   kv_cache_dtype=kv_cache_dtype)
+    stored = value_cache.contiguous().view(FP8_CACHE_DTYPES[kv_cache_dtype]).float().reshape(-1).sort().values
+    out = torch.empty_like(stored)
+    out[padded.float().argsort(stable=True)] = stored
+    return out[: flat.numel()].view(x.shape)
 
 
 def rounding(mode: str):
@@ -31,6 +57,8 @@ def rounding(mode: str):
             return to_cache_dtype(t / scale, E4M3).to(t.dtype) * scale
         if mode == "e5m2 unit scale":
             return to_cache_dtype(t, E5M2).to(t.dtype)
+        if mode == "e4m3 vLLM CPU store":
+            return vllm_cpu_store(t, "fp8").to(t.dtype)
         return t
     return cached
 
@@ -43,7 +71,8 @@ def main() -> None:
     args = ap.parse_args()
     windows = text_windows(load_tokenizer(args.model), load_text("wiki", "eval"), args.tokens, 1024)
     result = {"model": args.model, "tokens": int(windows.numel()), "wiki_perplexity": {}}
-    for mode in ("float", "e4m3 unit scale", "e4m3 max scale", "e5m2 unit scale"):
+    modes = ("float", "e4m3 unit scale", "e4m3 max scale", "e5m2 unit scale", "e4m3 vLLM CPU store")
+    for mode in modes:
         model = TuckerLlama.from_pretrained(args.model)
         for module in model.modules():
             if hasattr(module, "cached"):

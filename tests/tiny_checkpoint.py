@@ -16,8 +16,8 @@ LAYERS, HIDDEN, HEADS, VOCAB = 2, 64, 4, 256
 RANKS = dict(r1=4, r2=32, r3=12, rt1=3, rt2=48, rt3=20)
 
 
-def tiny_config(shared_latent: bool = False, block_core: bool = False) -> dict:
-    ranks = dict(RANKS, rt3=RANKS["r3"]) if shared_latent else RANKS
+def tiny_config(shared_latent: bool = False, block_core: bool = False, ranks: dict | None = None) -> dict:
+    ranks = ranks or (dict(RANKS, rt3=RANKS["r3"]) if shared_latent else RANKS)
     freqs = [(default_inv_freq(ranks["r3"], 500.0) * (1 + 0.1 * i)).tolist() for i in range(LAYERS)]
     return {
         "architectures": ["TuckerLlamaForCausalLM"], "model_type": "llama",
@@ -30,11 +30,12 @@ def tiny_config(shared_latent: bool = False, block_core: bool = False) -> dict:
     }
 
 
-def write_tiny_checkpoint(folder: Path, seed: int = 0, shared_latent: bool = False, block_core: bool = False) -> Path:
+def write_tiny_checkpoint(folder: Path, seed: int = 0, shared_latent: bool = False, block_core: bool = False,
+                          ranks: dict | None = None) -> Path:
     """Random weights scaled so that logits vary by a few nats; returns the folder."""
     from safetensors.torch import save_file
 
-    config = tiny_config(shared_latent, block_core)
+    config = tiny_config(shared_latent, block_core, ranks)
     torch.manual_seed(seed)
     model = TuckerLlama(TuckerModelConfig.from_dict(config))
     state = {}
