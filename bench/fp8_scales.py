@@ -18,7 +18,7 @@ import torch
 
 from tucker_serve.evaluate import perplexity, text_windows
 from tucker_serve.model import TuckerLlama
-from tucker_serve.ops.paged import FP8_CACHE_DTYPES, to_cache_dtype
+from tucker_serve.ops.paged import FP8_CACHE_DTYPES, round_to_cache
 from tucker_serve.sources import load_tokenizer
 from tucker_serve.text import load_text
 
@@ -51,12 +51,12 @@ def vllm_cpu_store(x: torch.Tensor, kv_cache_dtype: str) -> torch.Tensor:
 def rounding(mode: str):
     def cached(t: torch.Tensor) -> torch.Tensor:
         if mode == "e4m3 unit scale":
-            return to_cache_dtype(t, E4M3).to(t.dtype)
+            return round_to_cache(t, E4M3)
         if mode == "e4m3 max scale":
             scale = t.abs().max().clamp_min(1e-12) / 448
-            return to_cache_dtype(t / scale, E4M3).to(t.dtype) * scale
+            return round_to_cache(t / scale, E4M3) * scale
         if mode == "e5m2 unit scale":
-            return to_cache_dtype(t, E5M2).to(t.dtype)
+            return round_to_cache(t, E5M2)
         if mode == "e4m3 vLLM CPU store":
             return vllm_cpu_store(t, "fp8").to(t.dtype)
         return t

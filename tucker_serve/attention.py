@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tucker_serve.config import TuckerConfig
-from tucker_serve.ops.paged import to_cache_dtype
+from tucker_serve.ops.paged import round_to_cache
 from tucker_serve.rope import apply_rope, default_inv_freq, rope_cos_sin
 from tucker_serve.tucker import TuckerFactors
 
@@ -102,7 +102,7 @@ class TuckerAttention(nn.Module):
 
     def cached(self, t: torch.Tensor) -> torch.Tensor:
         """What a serving cache of `cache_dtype` gives back for `t` (unchanged when it is None)."""
-        return t if self.cache_dtype is None else to_cache_dtype(t, self.cache_dtype).to(t.dtype)
+        return t if self.cache_dtype is None else round_to_cache(t, self.cache_dtype)
 
     def latents(self, x: torch.Tensor, positions: torch.Tensor):
         """Rotated per-head queries (B, H, T, r3), rotated key (B, T, r3), value (B, T, rt3), the

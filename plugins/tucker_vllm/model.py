@@ -40,7 +40,7 @@ from vllm.sequence import IntermediateTensors
 from vllm.v1.attention.selector import get_attn_backend
 
 from tucker_serve.model import TuckerModelConfig, checked_tensors
-from tucker_serve.ops.paged import to_cache_dtype
+from tucker_serve.ops.paged import round_to_cache
 from tucker_serve.rope import rope_cos_sin
 from tucker_vllm.backend import CACHE_DTYPES, TuckerAttentionBackend, TuckerSharedLatentBackend
 
@@ -193,7 +193,7 @@ class TuckerLlamaAttention(nn.Module):
         q, rotated = self.rotary_emb(positions, q, None if self.shared else k)
         k = k if self.shared else rotated
         if self.round_to is not None:
-            k, v = to_cache_dtype(k, self.round_to).to(k.dtype), to_cache_dtype(v, self.round_to).to(v.dtype)
+            k, v = round_to_cache(k, self.round_to), round_to_cache(v, self.round_to)
         out, _ = self.o_proj(self.attn(q, k, k if self.shared else v))
         return out
 

@@ -33,6 +33,11 @@ def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
+def round_to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What a cache of element type `dtype` gives back for x, in x's dtype."""
+    return to_cache_dtype(x, dtype).to(x.dtype)
+
+
 def write_latent_cache(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None,
                        slot_mapping: torch.Tensor) -> None:
     """Store key (T, r3) and value (T, rt3) rows at their slots (value None: shared latent);
@@ -122,7 +127,7 @@ def prefill_attention(query: torch.Tensor, rows: torch.Tensor, scale: float,
     """The last q of L tokens of one request attend causally: query (q, H, r3), rows (L, W) -> (q, H, rt3)."""
     q_len, ctx = query.shape[0], rows.shape[0]
     allowed = torch.arange(ctx, device=query.device)[None] <= torch.arange(ctx - q_len, ctx, device=query.device)[:, None]
-    keys, values = keys_values(rows.to(query.dtype), query.shape[-1], latent_freqs)
+    keys, values = keys_values(float_rows(rows, query.dtype), query.shape[-1], latent_freqs)
     out = F.scaled_dot_product_attention(
         query.transpose(0, 1)[None], keys[None, None], values[None, None],
         attn_mask=allowed, scale=scale, enable_gqa=True,
