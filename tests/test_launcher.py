@@ -55,8 +55,9 @@ def test_unknown_serve_arguments_pass_through_to_vllm_in_order():
 
 def test_plugin_environment_names_our_plugins_and_keys_the_middleware():
     env = {"VLLM_PLUGINS": "other", "TUCKER_METRICS_NEED_KEY": "1"}
-    plugin_environment(ServeOptions(api_key="k"), env)
+    plugin_environment(ServeOptions(api_key="k", max_body_bytes=1000), env)
     assert env["VLLM_PLUGINS"] == "other,tucker" and env["TUCKER_API_KEY"] == "k"
+    assert env["TUCKER_MAX_BODY_BYTES"] == "1000"  # what the middleware reads back through ServeOptions
     assert "TUCKER_METRICS_NEED_KEY" not in env  # the option said no
     fresh = {}
     plugin_environment(ServeOptions(), fresh)
@@ -70,3 +71,42 @@ def test_cpu_binding_shares_small_machines_between_ranks(monkeypatch, cores, ran
     configure_cpu(ranks, env)
     assert env.get("VLLM_CPU_OMP_THREADS_BIND") == expected
     assert "VLLM_CPU_KVCACHE_SPACE" not in env  # --kv-cache-memory-bytes must win
+
+
+@pytest.mark.parametrize("env", [{"TUCKER_API_KEY": ""}, {"TUCKER_API_KEY": "  "}])
+def test_a_blank_key_from_the_environment_is_refused_not_read_as_none(env):
+    from tucker_server.launcher import access
+
+    opt = parse(environ=env)
+    assert opt.api_key == env["TUCKER_API_KEY"]
+    with pytest.raises(ValueError, match="TUCKER_API_KEY is empty"):
+        access(opt, "127.0.0.1")
+    with pytest.raises(ValueError, match="is empty"):
+        access(parse("--api-key", " "), "0.0.0.0")
+
+
+def test_only_loopback_hosts_start_without_a_key_unless_asked():
+    from tucker_server.launcher import access, listen_host
+
+    assert "this machine only" in access(ServeOptions(), "127.0.0.1")
+    assert "this machine only" in access(ServeOptions(host="::1"), "::1")
+    for host in ("0.0.0.0", "::", "", "10.1.2.3", "my-host"):
+        with pytest.raises(ValueError, match="reachable from other machines"):
+            access(ServeOptions(host=host), host)
+    assert "open to anyone" in access(parse("--no-api-key", environ={"TUCKER_HOST": "0.0.0.0"}), "0.0.0.0")
+    assert "API key required" in access(ServeOptions(api_key="k", host="0.0.0.0"), "0.0.0.0")
+    with pytest.raises(ValueError, match="contradict"):
+        access(ServeOptions(api_key="k", no_api_key=True), "127.0.0.1")
+    # a --host passed through to vLLM is the one it binds: it is checked, not ours
+    assert listen_host(ServeOptions(), ["--max-num-seqs", "4", "--host", "0.0.0.0"]) == "0.0.0.0"
+    assert listen_host(ServeOptions(), ["--host=::"]) == "::"
+
+
+def test_serve_refuses_an_open_public_host_before_building_anything(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "tucker_cli", "serve", "--model", str(tmp_path / "missing"), "--",
+                           "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "TUCKER_API_KEY": ""})
+    assert proc.returncode == 2 and "TUCKER_API_KEY is empty" in proc.stderr

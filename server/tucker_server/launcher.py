@@ -8,6 +8,7 @@ vLLM's server parser unchanged (`vllm serve` semantics), after ours, so that it 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import shutil
 from dataclasses import dataclass, field, fields
@@ -44,8 +45,12 @@ class ServeOptions:
                                  "CPU-minutes of healing after a conversion (0: none); cached with the model")
     host: str = option("127.0.0.1", str, "address to listen on")
     port: int = option(8000, int, "port to listen on")
-    api_key: str | None = option(None, str, "require 'Authorization: Bearer KEY' on every path but /health")
+    api_key: str | None = option(None, str, "require 'Authorization: Bearer KEY' on every path but /health and "
+                                            "/metrics; a blank key is refused", blank_is_value=True)
+    no_api_key: bool = option(False, flag, "serve without a key on a non-loopback --host (every path open to "
+                                           "anyone who reaches it); without a key only loopback hosts start")
     metrics_need_key: bool = option(False, flag, "put /metrics behind the key too")
+    max_body_bytes: int = option(4 * 2**20, int, "largest request body; larger ones get 413")
     max_model_len: int = option(2048, int, "context length in tokens")
     kv_cache_gb: float = option(1.0, float, "KV-cache size in GiB")
     dtype: str = option("float32", str, "weights and activations", choices=("float32", "bfloat16", "float16"))
@@ -76,7 +81,7 @@ def options_from(args: argparse.Namespace, environ=os.environ) -> ServeOptions:
     given = {}
     for f in fields(ServeOptions):
         value, env = getattr(args, f.name, None), environ.get(env_name(f.name))
-        if value is None and env:
+        if value is None and (env or (env is not None and f.metadata.get("blank_is_value"))):
             try:
                 value = f.metadata["kind"](env)
             except ValueError:
@@ -86,6 +91,44 @@ def options_from(args: argparse.Namespace, environ=os.environ) -> ServeOptions:
         if value is not None:
             given[f.name] = value
     return ServeOptions(**given)
+
+
+def loopback(host: str) -> bool:
+    """True for addresses only this machine can reach; names other than localhost count as open."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def listen_host(opt: ServeOptions, passthrough: list[str]) -> str:
+    """The address vLLM will bind: a --host passed through to vLLM wins over ours."""
+    host = opt.host
+    for i, arg in enumerate(passthrough):
+        if arg == "--host" and i + 1 < len(passthrough):
+            host = passthrough[i + 1]
+        elif arg.startswith("--host="):
+            host = arg.removeprefix("--host=")
+    return host
+
+
+def access(opt: ServeOptions, host: str) -> str:
+    """Who may call the server, as a log line; ValueError for a configuration that would open it silently."""
+    if opt.api_key is not None and not opt.api_key.strip():
+        raise ValueError(f"--api-key / {env_name('api_key')} is empty: give a key, or --no-api-key to serve "
+                         "without one")
+    if opt.api_key is not None and opt.no_api_key:
+        raise ValueError("--api-key and --no-api-key contradict each other: choose one")
+    if opt.api_key is not None:
+        return "API key required on every path but " + ("/health" if opt.metrics_need_key else "/health and /metrics")
+    if opt.no_api_key:
+        return f"no API key (--no-api-key): every path is open to anyone who reaches {host}"
+    if not loopback(host):
+        raise ValueError(f"--host {host!r} is reachable from other machines: set --api-key (or "
+                         f"{env_name('api_key')}), or pass --no-api-key to serve without one")
+    return f"no API key: open to clients on this machine only ({host})"
 
 
 def model_folder(opt: ServeOptions) -> tuple[Path, str]:
@@ -142,7 +185,7 @@ def plugin_environment(opt: ServeOptions, environ=os.environ) -> None:
         environ["VLLM_PLUGINS"] = ",".join([*named, PLUGIN])
     elif not named:
         environ["VLLM_PLUGINS"] = PLUGIN  # endpoint plugins load only when named
-    for name in ("api_key", "metrics_need_key"):
+    for name in ("api_key", "metrics_need_key", "max_body_bytes"):  # what the middleware reads
         value = getattr(opt, name)
         environ.pop(env_name(name), None)
         if value:
@@ -163,7 +206,9 @@ def configure_cpu(ranks: int, environ=os.environ) -> None:
 
 def run(opt: ServeOptions, passthrough: list[str]) -> int:
     """Serve until SIGTERM/SIGINT (in-flight requests drain for up to --shutdown-timeout seconds)."""
+    who = access(opt, listen_host(opt, passthrough))  # before any conversion: a refused configuration fails at once
     folder, name = model_folder(opt)
+    print(f"tucker-serve: {who}", flush=True)
     plugin_environment(opt)
     from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
