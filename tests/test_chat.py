@@ -91,7 +91,8 @@ def test_healing_for_an_fp8_cache_trains_through_the_rounding(converted, tmp_pat
     from tucker_serve.evaluate import perplexity, text_windows
     from tucker_serve.heal import HealOptions, heal
     from tucker_serve.model import TuckerLlama
-    from tucker_serve.sources import ModelError, load_tokenizer
+    from tucker_serve.checkpoint import ModelError
+    from tucker_serve.sources import load_tokenizer
     from tucker_serve.text import load_text
 
     with pytest.raises(ModelError, match="kv-cache-dtype 'int8'"):

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from tucker_serve.checkpoint import ARCHITECTURE
 from tucker_serve.evaluate import load_lm, perplexity, text_windows
 from tucker_serve.model import TuckerLlama
 from tucker_serve.sources import load_hf_model
@@ -46,7 +47,7 @@ def test_full_rank_folder_layout_and_report(converted):
     config = json.loads((folder / "config.json").read_text())
     report = json.loads((folder / "tucker_report.json").read_text())
     t = config["tucker"]
-    assert config["architectures"] == ["TuckerLlamaForCausalLM"] and config["model_type"] == "llama"
+    assert config["architectures"] == [ARCHITECTURE] and config["model_type"] == "llama"
     assert (t["r3"], t["rt3"], t["source_kv_width"]) == (192, 192, SOURCE_KV_WIDTH)
     assert len(t["latent_rope_freqs"]) == 30 and all(len(f) == 96 for f in t["latent_rope_freqs"])
     assert {"model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in folder.iterdir()}

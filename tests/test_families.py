@@ -13,7 +13,8 @@ import torch
 
 from tucker_serve.convert import ConvertOptions, convert
 from tucker_serve.model import TuckerLlama
-from tucker_serve.sources import ModelError, check_supported
+from tucker_serve.checkpoint import ModelError
+from tucker_serve.sources import check_supported
 
 pytestmark = pytest.mark.slow
 LOGIT_TOL = 1e-4  # float32, absolute, transformers' logits against the converted reference

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from tucker_serve.model import TuckerLlama, TuckerModelConfig
+from tucker_serve.checkpoint import ARCHITECTURE, TuckerModelConfig
+from tucker_serve.model import TuckerLlama
 from tucker_serve.rope import default_inv_freq
 
 LAYERS, HIDDEN, HEADS, VOCAB = 2, 64, 4, 256
@@ -20,7 +21,7 @@ def tiny_config(shared_latent: bool = False, block_core: bool = False, ranks: di
     ranks = ranks or (dict(RANKS, rt3=RANKS["r3"]) if shared_latent else RANKS)
     freqs = [(default_inv_freq(ranks["r3"], 500.0) * (1 + 0.1 * i)).tolist() for i in range(LAYERS)]
     return {
-        "architectures": ["TuckerLlamaForCausalLM"], "model_type": "llama",
+        "architectures": [ARCHITECTURE], "model_type": "llama",
         "hidden_size": HIDDEN, "intermediate_size": 128, "num_hidden_layers": LAYERS,
         "num_attention_heads": HEADS, "num_key_value_heads": HEADS, "vocab_size": VOCAB,
         "rms_norm_eps": 1e-6, "max_position_embeddings": 1024, "tie_word_embeddings": False,

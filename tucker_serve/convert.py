@@ -9,8 +9,6 @@ each head's output map is then fitted by least squares on its calibrated attenti
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +19,9 @@ from tqdm import tqdm
 from tucker_serve import cache_layout as cl
 from tucker_serve.calibrate import AttentionShape, LayerStats, collect
 from tucker_serve.chat import source_chats
-from tucker_serve.paths import atomic_dir
 from tucker_serve.rope import basis_freqs, complex_basis_map
-from tucker_serve.sources import TOKENIZER_FILES, TUCKER_ARCH, ModelError, load_hf_model, load_tokenizer, resolve
+from tucker_serve.checkpoint import ModelError, converted_config, write_folder
+from tucker_serve.sources import load_hf_model, load_tokenizer, resolve
 from tucker_serve.text import text_tokens
 
 
@@ -218,24 +216,11 @@ def convert(model_spec: str, out_dir, opt: ConvertOptions, progress: bool = True
         rows.append(row)
     state = {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
     report = build_report(model_spec, cfg, s, r3, rt3, opt, ids.numel(), rows, time.time() - start)
-    write_folder(out_dir, source.folder, tucker_config(cfg, s, r3, rt3, freqs, opt.dtype), state, report)
+    config = converted_config(cfg, heads=s.heads, head_dim=s.head_dim, r3=r3, rt3=rt3,
+                              qkv_bias=cfg.get("attention_bias", cfg.get("model_type") == "qwen2"),
+                              source_kv_width=s.kv_width, latent_rope_freqs=freqs, dtype=opt.dtype)
+    write_folder(out_dir, config, state, report, tokenizer_from=source.folder)
     return report
-
-
-def tucker_config(cfg: dict, s: AttentionShape, r3: int, rt3: int, freqs, dtype: str) -> dict:
-    out = {k: v for k, v in cfg.items() if k not in ("quantization_config", "auto_map", "torch_dtype")}
-    out["architectures"] = [TUCKER_ARCH]
-    out["dtype"] = dtype
-    out["tucker"] = {
-        "r1": s.heads, "r2": s.heads * s.head_dim, "r3": r3,
-        "rt1": s.heads, "rt2": s.heads * s.head_dim, "rt3": rt3,
-        "block_core": True, "shared_latent": False,
-        "qkv_bias": cfg.get("attention_bias", cfg.get("model_type") == "qwen2"),
-        "softmax_scale": s.head_dim**-0.5,
-        "source_kv_width": s.kv_width,
-        "latent_rope_freqs": freqs,
-    }
-    return out
 
 
 def build_report(spec, cfg, s, r3, rt3, opt, tokens, rows, seconds) -> dict:
@@ -255,16 +240,3 @@ def build_report(spec, cfg, s, r3, rt3, opt, tokens, rows, seconds) -> dict:
         "seconds": round(seconds, 1),
         "layers": rows,
     }
-
-
-def write_folder(out_dir, source_folder: Path, config: dict, state: dict, report: dict) -> None:
-    """config.json, model.safetensors, tokenizer files and tucker_report.json, all or nothing."""
-    from safetensors.torch import save_file
-
-    with atomic_dir(Path(out_dir)) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        for name in TOKENIZER_FILES:
-            if (source_folder / name).is_file():
-                shutil.copy2(source_folder / name, tmp / name)
-        (tmp / "tucker_report.json").write_text(json.dumps(report, indent=2))

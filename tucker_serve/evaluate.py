@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tucker_serve.sources import ModelError, load_hf_model, load_tokenizer, resolve
+from tucker_serve.checkpoint import ModelError
+from tucker_serve.sources import load_hf_model, load_tokenizer, resolve
 from tucker_serve.text import load_text
 
 

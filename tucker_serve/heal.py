@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,8 +28,8 @@ from tucker_serve.chat import source_chats
 from tucker_serve.evaluate import perplexity, text_windows
 from tucker_serve.model import TuckerLlama
 from tucker_serve.ops.paged import FP8_CACHE_DTYPES
-from tucker_serve.paths import atomic_dir
-from tucker_serve.sources import TOKENIZER_FILES, ModelError, load_hf_model, load_tokenizer, resolve
+from tucker_serve.checkpoint import ModelError, read_config, write_folder
+from tucker_serve.sources import load_hf_model, load_tokenizer, resolve
 from tucker_serve.text import load_text, text_tokens
 
 TRAINED = ("q_core", "k_latent", "v_latent", "o_core")
@@ -268,15 +267,10 @@ def heal(model_dir, out_dir, opt: HealOptions, progress: bool = True) -> dict:
 
 
 def save_folder(model: TuckerLlama, src: Path, dest: Path, report: dict) -> None:
-    from safetensors.torch import save_file
-
-    dtype = json.loads((src / "config.json").read_text()).get("dtype", "float32")
-    state = {k: v.detach().to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()}
+    """The healed weights, in the dtype of `src`, beside its config.json and tokenizer files."""
+    config = read_config(src)
+    dtype = getattr(torch, config.get("dtype", "float32"))
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     if model.cfg.tie_word_embeddings:
         state.pop("lm_head.weight")
-    with atomic_dir(dest) as tmp:
-        for name in ("config.json", *TOKENIZER_FILES):
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "tucker_report.json").write_text(json.dumps(report, indent=2))
+    write_folder(dest, config, state, report, tokenizer_from=src)

@@ -7,7 +7,6 @@ evaluation, healing, and as the oracle of the vLLM parity tests.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,57 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tucker_serve.attention import TuckerAttention
-from tucker_serve.config import TuckerConfig
-from tucker_serve.sources import TUCKER_ARCH, ModelError
-
-
-@dataclass(frozen=True)
-class TuckerModelConfig:
-    """What the `tucker` block and the Llama fields of a Tucker folder's config.json say."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    rms_norm_eps: float
-    tie_word_embeddings: bool
-    attention: TuckerConfig
-    block_core: bool
-    qkv_bias: bool
-    softmax_scale: float
-    latent_rope_freqs: tuple[tuple[float, ...], ...]  # per layer, r3/2 each
-    source_kv_width: int
-
-    @classmethod
-    def from_dict(cls, cfg: dict, where="config.json") -> "TuckerModelConfig":
-        if TUCKER_ARCH not in cfg.get("architectures", []):
-            raise ModelError(f"{where}: architectures must include {TUCKER_ARCH}")
-        t = cfg.get("tucker")
-        if not isinstance(t, dict):
-            raise ModelError(f"{where}: missing field 'tucker' (ranks and latent RoPE of the conversion)")
-        for key in ("r1", "r2", "r3", "rt1", "rt2", "rt3", "softmax_scale", "latent_rope_freqs", "source_kv_width"):
-            if key not in t:
-                raise ModelError(f"{where}: missing field 'tucker.{key}'")
-        attention = TuckerConfig(
-            hidden_size=cfg["hidden_size"], num_heads=cfg["num_attention_heads"],
-            r1=t["r1"], r2=t["r2"], r3=t["r3"], rt1=t["rt1"], rt2=t["rt2"], rt3=t["rt3"],
-            rope=True, shared_latent=t.get("shared_latent", False),
-        )
-        freqs = t["latent_rope_freqs"]
-        layers = cfg["num_hidden_layers"]
-        if len(freqs) != layers or any(len(f) != attention.r3 // 2 for f in freqs):
-            raise ModelError(
-                f"{where}: field 'tucker.latent_rope_freqs' must hold {layers} lists of r3/2="
-                f"{attention.r3 // 2} frequencies"
-            )
-        return cls(
-            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"], num_layers=layers,
-            rms_norm_eps=cfg["rms_norm_eps"], tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention=attention, block_core=t.get("block_core", False), qkv_bias=t.get("qkv_bias", False),
-            softmax_scale=t["softmax_scale"], latent_rope_freqs=tuple(tuple(f) for f in freqs),
-            source_kv_width=t["source_kv_width"],
-        )
+from tucker_serve.checkpoint import ModelError, TuckerModelConfig
 
 
 class MLP(nn.Module):

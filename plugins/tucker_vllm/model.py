@@ -39,7 +39,8 @@ from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 from vllm.v1.attention.selector import get_attn_backend
 
-from tucker_serve.model import TuckerModelConfig, checked_tensors
+from tucker_serve.checkpoint import TuckerModelConfig
+from tucker_serve.model import checked_tensors
 from tucker_serve.ops.paged import round_to_cache
 from tucker_serve.rope import rope_cos_sin
 from tucker_vllm.backend import CACHE_DTYPES, TuckerAttentionBackend, TuckerSharedLatentBackend
@@ -224,7 +225,7 @@ class TuckerDecoderLayer(nn.Module):
 class TuckerLlamaModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
-        cfg = tucker_config(vllm_config)
+        cfg = model_config(vllm_config)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.start_layer, self.end_layer, self.layers = make_layers(
             cfg.num_layers, lambda prefix: TuckerDecoderLayer(cfg, vllm_config, prefix), prefix=f"{prefix}.layers")
@@ -244,7 +245,8 @@ class TuckerLlamaModel(nn.Module):
         return hidden
 
 
-def tucker_config(vllm_config: VllmConfig) -> TuckerModelConfig:
+def model_config(vllm_config: VllmConfig) -> TuckerModelConfig:
+    """The checkpoint's config.json, parsed by the core's one parser."""
     hf = vllm_config.model_config.hf_config
     return TuckerModelConfig.from_dict(hf.to_dict(), where=f"{vllm_config.model_config.model}/config.json")
 
@@ -258,7 +260,7 @@ class TuckerLlamaForCausalLM(nn.Module):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
-        self.cfg = tucker_config(vllm_config)
+        self.cfg = model_config(vllm_config)
         self.where = vllm_config.model_config.model
         self.model = TuckerLlamaModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         self.lm_head = ParallelLMHead(self.cfg.vocab_size, self.cfg.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
