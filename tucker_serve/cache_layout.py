@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from tucker_serve.checkpoint import TuckerModelConfig
+
 _DTYPE_BYTES = {
     "float32": 4, "fp32": 4, "float": 4,
     "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2,
@@ -130,10 +132,10 @@ class MemoryLayout:
 def model_layout(config: dict, dtype) -> MemoryLayout:
     """The cache layout a config.json describes: the Tucker latent, an MLA latent, or K and V per KV head."""
     layers = config["num_hidden_layers"]
-    t = config.get("tucker")
-    if t:
-        return MemoryLayout(layers, tucker_kv_width(t["r3"], t["rt3"], t.get("shared_latent", False)),
-                            t["source_kv_width"], str(dtype))
+    if config.get("tucker"):
+        t = TuckerModelConfig.from_dict(config)
+        width = tucker_kv_width(t.attention.r3, t.attention.rt3, t.attention.shared_latent)
+        return MemoryLayout(layers, width, t.source_kv_width, str(dtype))
     if config.get("kv_lora_rank"):
         width = mla_kv_width(config["kv_lora_rank"], config.get("qk_rope_head_dim", 0))
     else:
