@@ -14,7 +14,8 @@ import torch
 from tucker_serve.convert import ConvertOptions, convert
 from tucker_serve.model import TuckerLlama
 from tucker_serve.checkpoint import ModelError
-from tucker_serve.sources import check_supported
+from tucker_serve.families import FAMILIES as RECORDS
+from tucker_serve.families import supported_family
 
 pytestmark = pytest.mark.slow
 LOGIT_TOL = 1e-4  # float32, absolute, transformers' logits against the converted reference
@@ -128,6 +129,15 @@ if __name__ == "__main__":
     assert worst <= 1e-4
 
 
+@pytest.mark.parametrize("model_type,bias", [("llama", False), ("mistral", False), ("qwen2", True)])
+def test_each_supported_family_is_one_record(model_type, bias):
+    config = {"model_type": model_type, **COMMON}
+    family = supported_family(config, "model")
+    assert family is RECORDS[model_type] and family.has_qkv_bias(config) is bias
+    assert family.has_qkv_bias({**config, "attention_bias": not bias}) is (not bias)  # config.json decides first
+    assert family.projections == ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
 @pytest.mark.parametrize("config,needle", [
     ({"model_type": "mistral", "sliding_window": 128, "max_position_embeddings": 4096},
      "sliding-window attention (window 128)"),
@@ -141,7 +151,7 @@ if __name__ == "__main__":
 ])
 def test_unsupported_features_are_refused_by_name(config, needle):
     with pytest.raises(ModelError) as err:
-        check_supported(config, "model")
+        supported_family(config, "model")
     assert needle in str(err.value)
 
 

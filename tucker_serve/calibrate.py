@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from tucker_serve.families import Family, rope_parameters, supported_family
 from tucker_serve.rope import apply_rope, llama_inv_freq, rope_cos_sin
 
 
@@ -24,15 +25,14 @@ class AttentionShape:
     groups: int
     head_dim: int
     inv_freq: torch.Tensor  # (head_dim/2,) float64, rope scaling applied
+    family: Family
 
     @classmethod
     def from_config(cls, cfg: dict) -> "AttentionShape":
         heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        rope = {"rope_theta": cfg.get("rope_theta", 10000.0), **rope}
         return cls(cfg["hidden_size"], heads, cfg.get("num_key_value_heads", heads), head_dim,
-                   llama_inv_freq(head_dim, rope))
+                   llama_inv_freq(head_dim, rope_parameters(cfg)), supported_family(cfg, "config.json"))
 
     @property
     def kv_width(self) -> int:
@@ -60,9 +60,10 @@ class LayerStats:
 
 def project_qkv(attn, x: torch.Tensor, s: AttentionShape):
     """Pre-RoPE q (T, H, D), k and v (T, G, D) of a transformers attention module."""
-    q = attn.q_proj(x).unflatten(-1, (s.heads, s.head_dim))
-    k = attn.k_proj(x).unflatten(-1, (s.groups, s.head_dim))
-    v = attn.v_proj(x).unflatten(-1, (s.groups, s.head_dim))
+    q_proj, k_proj, v_proj, _ = s.family.attention_projections(attn)
+    q = q_proj(x).unflatten(-1, (s.heads, s.head_dim))
+    k = k_proj(x).unflatten(-1, (s.groups, s.head_dim))
+    v = v_proj(x).unflatten(-1, (s.groups, s.head_dim))
     return q, k, v
 
 

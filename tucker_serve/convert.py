@@ -150,20 +150,21 @@ def convert_layer(attn, st: LayerStats, s: AttentionShape, r3: int, rt3: int, op
     enc, dec, key_energy = key_bases(st, s, r3, opt.key_metric)
     a_key = complex_basis_map(enc, D)  # (G, D, r3)
     a_query = complex_basis_map(dec, D)
-    wk = attn.k_proj.weight.double().unflatten(0, (G, D))  # (G, D, d)
+    q_proj, k_proj, v_proj, o_proj = s.family.attention_projections(attn)
+    wk = k_proj.weight.double().unflatten(0, (G, D))  # (G, D, d)
     out = {
-        "q_shared.weight": attn.q_proj.weight,
+        "q_shared.weight": q_proj.weight,
         "q_core": a_query.repeat_interleave(rep, 0),  # (H, D, r3)
         "k_latent.weight": torch.einsum("gir,gid->rd", a_key, wk),
-        "o_shared.weight": attn.o_proj.weight,
+        "o_shared.weight": o_proj.weight,
     }
-    v_enc, o_core, value_energy = value_maps(st, s, attn.o_proj.weight, rt3, opt.value_stat)
-    out["v_latent.weight"] = v_enc.T @ attn.v_proj.weight.double()
+    v_enc, o_core, value_energy = value_maps(st, s, o_proj.weight, rt3, opt.value_stat)
+    out["v_latent.weight"] = v_enc.T @ v_proj.weight.double()
     out["o_core"] = o_core
-    if attn.q_proj.bias is not None:
-        out["q_shared.bias"] = attn.q_proj.bias
-        out["k_latent.bias"] = torch.einsum("gir,gi->r", a_key, attn.k_proj.bias.double().unflatten(0, (G, D)))
-        out["v_latent.bias"] = attn.v_proj.bias.double() @ v_enc
+    if q_proj.bias is not None:
+        out["q_shared.bias"] = q_proj.bias
+        out["k_latent.bias"] = torch.einsum("gir,gi->r", a_key, k_proj.bias.double().unflatten(0, (G, D)))
+        out["v_latent.bias"] = v_proj.bias.double() @ v_enc
     freqs = basis_freqs(enc, s.inv_freq)
     row = {"key_energy": round(key_energy, 6), "value_energy": round(value_energy, 6),
            "key_pairs_per_frequency": [p.shape[1] for p in enc]}
@@ -217,7 +218,7 @@ def convert(model_spec: str, out_dir, opt: ConvertOptions, progress: bool = True
     state = {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
     report = build_report(model_spec, cfg, s, r3, rt3, opt, ids.numel(), rows, time.time() - start)
     config = converted_config(cfg, heads=s.heads, head_dim=s.head_dim, r3=r3, rt3=rt3,
-                              qkv_bias=cfg.get("attention_bias", cfg.get("model_type") == "qwen2"),
+                              qkv_bias=s.family.has_qkv_bias(cfg),
                               source_kv_width=s.kv_width, latent_rope_freqs=freqs, dtype=opt.dtype)
     write_folder(out_dir, config, state, report, tokenizer_from=source.folder)
     return report

@@ -15,9 +15,12 @@ from torch import nn
 
 from tucker_serve.attention import TuckerAttention
 from tucker_serve.checkpoint import ModelError, TuckerModelConfig
+from tucker_serve.families import HIDDEN_ACT
 
 
 class MLP(nn.Module):
+    """The gated MLP of every supported family (activation: families.HIDDEN_ACT)."""
+
     def __init__(self, hidden: int, inner: int, dtype) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inner, bias=False, dtype=dtype)
@@ -25,7 +28,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=False, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(getattr(F, HIDDEN_ACT)(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tucker_serve.checkpoint import ModelError, is_tucker, read_config
+from tucker_serve.families import supported_family
 from tucker_serve.paths import atomic_dir, cache_dir
-
-SUPPORTED_TYPES = {"llama": "Llama/SmolLM", "mistral": "Mistral", "qwen2": "Qwen2"}
 
 
 @dataclass(frozen=True)
@@ -51,34 +50,6 @@ class ModelSource:
         return read_config(self.folder)
 
 
-QK_NORM_TYPES = ("qwen3", "qwen3_moe", "gemma3", "gemma3_text", "olmo2", "chameleon")
-RESCALING_ROPE_TYPES = ("default", "linear", "llama3")
-
-
-def check_supported(config: dict, where) -> None:
-    """Reject what the conversion cannot express, naming the feature first, then the family."""
-    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
-    if window and window < config.get("max_position_embeddings", 0):
-        raise ModelError(f"{where}: sliding-window attention (window {window}) is not supported")
-    if config.get("rope_local_base_freq"):
-        raise ModelError(f"{where}: two RoPE bases (rope_theta for global layers, rope_local_base_freq for local "
-                         "ones) are not supported")
-    if config.get("model_type") in QK_NORM_TYPES:
-        raise ModelError(f"{where}: QK-norm (q_norm and k_norm before RoPE) is not supported: a normalized key is "
-                         "not a linear function of the hidden state, so no latent basis can carry it")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in RESCALING_ROPE_TYPES:
-        raise ModelError(f"{where}: rope_type {kind!r} is not supported; supported are "
-                         f"{', '.join(RESCALING_ROPE_TYPES)} (types that only rescale frequencies)")
-    kind = config.get("model_type")
-    if kind not in SUPPORTED_TYPES:
-        names = ", ".join(f"{v} (model_type {k})" for k, v in SUPPORTED_TYPES.items())
-        raise ModelError(f"{where}: model_type {kind!r} is not supported; supported are {names}")
-    if config.get("hidden_act", "silu") != "silu":
-        raise ModelError(f"{where}: hidden_act {config['hidden_act']!r} is not supported (silu only)")
-
-
 def resolve(spec: str) -> ModelSource:
     """Turn a --model argument into a folder, materializing GGUF files on first use."""
     spec = str(spec)
@@ -91,7 +62,7 @@ def resolve(spec: str) -> ModelSource:
         config = read_config(path)
         if is_tucker(config):
             return ModelSource(spec, path, True)
-        check_supported(config, path)
+        supported_family(config, path)
         return ModelSource(spec, path, False)
     if path.exists():
         raise ModelError(f"{spec}: expected a model folder or a .gguf file")
@@ -153,7 +124,7 @@ def _materialize_gguf(gguf: Path, folder: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # transformers raises many types for a bad file
         raise ModelError(f"cannot read GGUF file {gguf}: {type(exc).__name__}: {exc}") from None
-    check_supported(model.config.to_dict(), gguf)
+    supported_family(model.config.to_dict(), gguf)
     # The dequantized weights are plain fp32: drop the GGUF quantization marker so they save.
     del model.config.quantization_config
     model.hf_quantizer, model.is_quantized = None, False

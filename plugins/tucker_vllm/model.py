@@ -40,6 +40,7 @@ from vllm.sequence import IntermediateTensors
 from vllm.v1.attention.selector import get_attn_backend
 
 from tucker_serve.checkpoint import TuckerModelConfig
+from tucker_serve.families import HIDDEN_ACT
 from tucker_serve.model import checked_tensors
 from tucker_serve.ops.paged import round_to_cache
 from tucker_serve.rope import rope_cos_sin
@@ -205,7 +206,7 @@ class TuckerDecoderLayer(nn.Module):
         layer = int(prefix.rsplit(".", 1)[-1])
         self.self_attn = TuckerLlamaAttention(cfg, layer, vllm_config.model_config.max_model_len,
                                               vllm_config.cache_config, vllm_config.quant_config, f"{prefix}.self_attn")
-        self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size, "silu",
+        self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size, HIDDEN_ACT,
                             quant_config=vllm_config.quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
