@@ -48,6 +48,8 @@ def test_compose_wires_server_prometheus_and_grafana():
     services = compose["services"]
     assert set(services) == {"tucker", "prometheus", "grafana"}
     assert services["tucker"]["ports"] == ["8000:8000"]
+    # the image listens on 0.0.0.0: compose refuses to start without a key rather than serve open
+    assert re.fullmatch(r"\$\{TUCKER_API_KEY:\?.+\}", services["tucker"]["environment"]["TUCKER_API_KEY"])
     assert services["tucker"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     for name in ("prometheus", "grafana"):
         assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+", services[name]["image"]), "images must be pinned"

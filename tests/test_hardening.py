@@ -5,12 +5,14 @@ import asyncio
 import json
 import re
 import signal
+import socket
 import time
 
 import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import serve_process
 
@@ -48,9 +50,24 @@ def wait_idle(server, seconds: float = 60) -> dict:
     return memory(server)
 
 
-async def stream_completion(client: httpx.AsyncClient, server, prompt: str, max_tokens: int) -> dict:
+def metrics(server) -> dict[str, float]:
+    """vLLM's Prometheus samples, summed over labels: name -> value."""
+    return summed(httpx.get(f"{server['url']}/metrics", timeout=10).text)
+
+
+def summed(text: str) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
+async def stream_completion(client: httpx.AsyncClient, server, prompt: str, max_tokens: int,
+                            ignore_eos: bool = False, progress: list | None = None) -> dict:
+    """One streamed completion; `progress` (if given) gets the running token count after every event."""
     body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0.8,
-            "seed": 1, "logprobs": 0, "stream_options": {"include_usage": True}}
+            "seed": 1, "logprobs": 0, "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
     tokens, done, usage, statuses = 0, False, None, []
     async with client.stream("POST", f"{server['url']}/v1/completions", json=body, headers=HEADERS) as r:
         statuses.append(r.status_code)
@@ -65,7 +82,29 @@ async def stream_completion(client: httpx.AsyncClient, server, prompt: str, max_
                 usage = event["usage"]
             for choice in event["choices"]:
                 tokens += len(choice["logprobs"]["tokens"]) if choice.get("logprobs") else 0
+            if progress is not None:
+                progress.append(tokens)
     return {"status": statuses[0], "done": done, "tokens": tokens, "usage": usage}
+
+
+async def poll_metrics(server, stop: asyncio.Event, seen: list) -> None:
+    """Scrape /metrics every 0.1 s until `stop`, keeping every scrape."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        while not stop.is_set():
+            seen.append(summed((await client.get(f"{server['url']}/metrics")).text))
+            await asyncio.sleep(0.1)
+
+
+async def wait_for_metric(server, name: str, ok, seconds: float = 20) -> float | None:
+    """The first value of a summed metric that satisfies ok, or None after `seconds`."""
+    deadline = time.time() + seconds
+    async with httpx.AsyncClient(timeout=10) as client:
+        while time.time() < deadline:
+            value = summed((await client.get(f"{server['url']}/metrics")).text).get(name, 0.0)
+            if ok(value):
+                return value
+            await asyncio.sleep(0.05)
+    return None
 
 
 def test_64_concurrent_streams_all_finish_and_free_the_cache(server):
@@ -88,37 +127,61 @@ def test_64_concurrent_streams_all_finish_and_free_the_cache(server):
 
 
 def test_long_prompts_exhausting_the_cache_are_queued_not_failed(server):
+    """Ten requests that need two blocks each for a cache of seven: the cache, not --max-num-seqs 8, bounds
+    how many run; the rest wait (or are preempted) and every one completes in full."""
     prompt = " ".join(f"w{i}" for i in range(60))  # 170 tokens (+40 generated): two 128-token blocks each
+    preempted_before = metrics(server).get("vllm:num_preemptions_total", 0.0)
 
     async def main():
+        stop, seen = asyncio.Event(), []
+        poller = asyncio.create_task(poll_metrics(server, stop, seen))
         async with httpx.AsyncClient(timeout=300) as client:
             calls = [client.post(f"{server['url']}/v1/completions", headers=HEADERS,
-                                 json={"model": NAME, "prompt": prompt, "max_tokens": 40, "temperature": 0})
+                                 json={"model": NAME, "prompt": prompt, "max_tokens": 40, "temperature": 0,
+                                       "ignore_eos": True})
                      for _ in range(10)]
-            return await asyncio.gather(*calls)
+            responses = await asyncio.gather(*calls)
+        stop.set()
+        await poller
+        return responses, seen
 
-    responses = asyncio.run(main())
+    responses, seen = asyncio.run(main())
     assert [r.status_code for r in responses] == [200] * 10
-    assert all(r.json()["usage"]["completion_tokens"] >= 1 for r in responses)
+    assert [r.json()["usage"]["completion_tokens"] for r in responses] == [40] * 10
+    peak_running = max(m.get("vllm:num_requests_running", 0) for m in seen)
+    peak_waiting = max(m.get("vllm:num_requests_waiting", 0) for m in seen)
+    preempted = metrics(server).get("vllm:num_preemptions_total", 0.0) - preempted_before
+    assert 1 <= peak_running < 8, peak_running  # the cache held fewer than --max-num-seqs
+    assert peak_waiting >= 1 or preempted >= 1, (peak_waiting, preempted)
     assert wait_idle(server)["blocks_used"] == 0
 
 
-def test_request_cancelled_while_queued_is_dropped_and_others_finish(server):
+def test_request_cancelled_while_queued_generates_nothing_and_others_finish(server):
+    """With ignore_eos every request generates exactly its budget: vLLM's generation counter must grow by
+    the twelve busy requests' tokens and not one more for the request cancelled while it waited."""
+    budget = 100
+    generated_before = metrics(server)["vllm:generation_tokens_total"]
+
     async def main():
         async with httpx.AsyncClient(timeout=300) as client:
-            busy = [asyncio.create_task(stream_completion(client, server, "count to fifty:", 60)) for _ in range(12)]
-            await asyncio.sleep(0.5)  # 8 run, the rest wait in the engine's queue
-            queued = asyncio.create_task(stream_completion(client, server, "this one is cancelled", 60))
-            await asyncio.sleep(0.5)
+            busy = [asyncio.create_task(stream_completion(client, server, "count to fifty:", budget,
+                                                          ignore_eos=True)) for _ in range(12)]
+            waiting = await wait_for_metric(server, "vllm:num_requests_waiting", lambda v: v >= 4)
+            queued = asyncio.create_task(stream_completion(client, server, "this one is cancelled", budget,
+                                                           ignore_eos=True))
+            queued_seen = await wait_for_metric(server, "vllm:num_requests_waiting", lambda v: v > (waiting or 0))
             queued.cancel()
             try:
                 await queued
             except asyncio.CancelledError:
                 pass
-            return await asyncio.gather(*busy)
+            return waiting, queued_seen, await asyncio.gather(*busy)
 
-    results = asyncio.run(main())
-    assert all(r["status"] == 200 and r["done"] for r in results)
+    waiting, queued_seen, results = asyncio.run(main())
+    assert waiting is not None and queued_seen is not None, "the cancelled request never waited in the queue"
+    assert all(r["status"] == 200 and r["done"] and r["tokens"] == budget for r in results)
+    time.sleep(1)
+    assert metrics(server)["vllm:generation_tokens_total"] - generated_before == 12 * budget
     assert wait_idle(server)["blocks_used"] == 0
 
 
@@ -137,9 +200,26 @@ def test_oversized_and_malformed_bodies_are_4xx(server):
                            headers={**HEADERS, "Content-Type": "application/json"}),
                 httpx.post(url, content=b'{"model": ', headers={**HEADERS, "Content-Type": "application/json"}),
                 httpx.post(url, data={"model": NAME, "prompt": "x"}, headers=HEADERS),
-                httpx.post(url, content=b"hello", headers={**HEADERS, "Content-Type": "text/plain"})):
+                httpx.post(url, content=b"hello", headers={**HEADERS, "Content-Type": "text/plain"}),
+                httpx.post(url, content=b'{"model": "\xff"}', headers={**HEADERS, "Content-Type": "Application/JSON"}),
+                httpx.post(url, content=b'{"model": "\xff"}', headers=HEADERS)):  # no content type at all
         assert bad.status_code == 400, bad.text
         assert set(bad.json()["error"]) >= {"message", "type", "code"}
+    # the paths anyone may call take no body worth reading
+    assert httpx.post(f"{server['url']}/health", content=b"x" * 2**20).status_code == 413
+    # a malformed Content-Length (HTTP clients refuse to send one: a raw socket does)
+    for length in (b"1e3", b"-1", b"\xc2\xb2", b"2\r\nContent-Length: 3"):
+        with socket.create_connection(("127.0.0.1", server["port"]), timeout=30) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                         + b"\r\nContent-Type: application/json\r\nContent-Length: " + length + b"\r\n\r\n{}")
+            assert sock.recv(64).startswith(b"HTTP/1.1 400 "), length
+
+
+def test_huge_or_numerous_headers_are_431(server):
+    url = f"{server['url']}/health"
+    assert httpx.get(url, headers={"X-Big": "a" * 100_000}).status_code == 431
+    assert httpx.get(url, headers={f"X-H{i}": "v" for i in range(200)}).status_code == 431
+    assert httpx.get(url, headers={f"X-H{i}": "v" for i in range(50)}).status_code == 200
 
 
 def test_api_key_guards_every_route_but_health_and_metrics(server):
@@ -184,14 +264,23 @@ def test_fuzzed_requests_never_get_a_5xx(server):
 
 
 def test_sigterm_lets_in_flight_streams_finish_and_exits_0(server):
-    async def main():
-        async with httpx.AsyncClient(timeout=120) as client:
-            tasks = [asyncio.create_task(stream_completion(client, server, f"story {i}:", 30)) for i in range(3)]
-            await asyncio.sleep(1.0)
-            server["proc"].send_signal(signal.SIGTERM)
-            return await asyncio.gather(*tasks)
+    """SIGTERM arrives while every stream is mid-generation; each still ends complete, with [DONE]."""
+    budget = 120
 
-    results = asyncio.run(main())
-    assert all(r["status"] == 200 and r["done"] for r in results)
-    assert all(r["usage"]["completion_tokens"] == r["tokens"] for r in results)
+    async def main():
+        async with httpx.AsyncClient(timeout=180) as client:
+            progress = [[] for _ in range(6)]
+            tasks = [asyncio.create_task(stream_completion(client, server, f"story {i}:", budget, ignore_eos=True,
+                                                           progress=progress[i])) for i in range(6)]
+            deadline = time.time() + 60
+            while not all(p and p[-1] >= 1 for p in progress) and time.time() < deadline:
+                await asyncio.sleep(0.02)
+            at_signal = [p[-1] if p else 0 for p in progress]
+            server["proc"].send_signal(signal.SIGTERM)
+            return at_signal, await asyncio.gather(*tasks)
+
+    at_signal, results = asyncio.run(main())
+    assert all(1 <= n < budget for n in at_signal), at_signal  # every stream was running, none had finished
+    assert all(r["status"] == 200 and r["done"] and r["tokens"] == budget for r in results)
+    assert all(r["usage"]["completion_tokens"] == budget for r in results)
     assert server["proc"].wait(timeout=120) == 0

@@ -53,7 +53,7 @@ def plots(result: dict, out: Path) -> None:
                         textcoords="offset points", xytext=(4, 4))
         ax.set(xscale="log", xlabel="KV-cache bytes per token (all layers)", ylabel=label)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"Quality against KV memory ({result['weights_dtype']} weights; triangles: fp8 cache; "
-                 "black: the source under vLLM's own attention)", fontsize=9)
+    fig.suptitle(f"Quality against KV memory ({result['weights_dtype']} weights)\ntriangles: fp8 cache; "
+                 "black: the source under vLLM's own attention", fontsize=9)  # two lines: fits one panel
     fig.tight_layout()
     fig.savefig(out / "frontier.png", dpi=120)

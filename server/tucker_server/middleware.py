@@ -22,7 +22,7 @@ import re
 from starlette.datastructures import Headers
 from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 
-from tucker_server.launcher import options_from
+from tucker_server.launcher import env_name, options_from
 
 OPEN_PATHS = ("/health", "/metrics")
 OPEN_PATH_BODY_BYTES = 4096  # /health and /metrics take no body; anyone may call them
@@ -61,7 +61,7 @@ class TuckerMiddleware:
         self.app = app
         opt = options_from(argparse.Namespace())
         if opt.api_key is not None and not opt.api_key.strip():
-            raise ValueError("TUCKER_API_KEY is empty: set a key, or unset it to serve without one")
+            raise ValueError(f"{env_name('api_key')} is empty: set a key, or unset it to serve without one")
         self.auth = AuthenticationMiddleware(app, tokens=[opt.api_key]) if opt.api_key else None
         self.open_paths = set(OPEN_PATHS) - ({"/metrics"} if opt.metrics_need_key else set())
         self.limit = opt.max_body_bytes
