@@ -18,7 +18,8 @@ import torch
 
 from tucker_serve.evaluate import perplexity, text_windows
 from tucker_serve.model import TuckerLlama
-from tucker_serve.ops.paged import FP8_CACHE_DTYPES, round_to_cache
+from tucker_serve.cache_dtypes import rounding_dtypes
+from tucker_serve.ops.paged import round_to_cache
 from tucker_serve.sources import load_tokenizer
 from tucker_serve.text import load_text
 
@@ -42,7 +43,7 @@ def vllm_cpu_store(x: torch.Tensor, kv_cache_dtype: str) -> torch.Tensor:
     ops.cpu_attn_reshape_and_cache(values, values, key_cache, value_cache, torch.arange(blocks * block),
                                    _get_attn_isa(x.dtype, block, width, kv_cache_dtype), k_scale=1.0, v_scale=1.0,
                                    kv_cache_dtype=kv_cache_dtype)
-    stored = value_cache.contiguous().view(FP8_CACHE_DTYPES[kv_cache_dtype]).float().reshape(-1).sort().values
+    stored = value_cache.contiguous().view(rounding_dtypes()[kv_cache_dtype]).float().reshape(-1).sort().values
     out = torch.empty_like(stored)
     out[padded.float().argsort(stable=True)] = stored
     return out[: flat.numel()].view(x.shape)

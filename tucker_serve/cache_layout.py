@@ -9,21 +9,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from tucker_serve.cache_dtypes import lookup
 from tucker_serve.checkpoint import TuckerModelConfig
-
-_DTYPE_BYTES = {
-    "float32": 4, "fp32": 4, "float": 4,
-    "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2,
-    "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,
-}
 
 
 def dtype_bytes(dtype) -> int:
     """Element size of a dtype given as a string ('bfloat16') or a torch dtype."""
-    name = str(dtype).removeprefix("torch.")
-    if name not in _DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {dtype!r}: known are {sorted(_DTYPE_BYTES)}")
-    return _DTYPE_BYTES[name]
+    return lookup(dtype).bytes
 
 
 def mha_kv_width(num_heads: int, head_dim: int) -> int:

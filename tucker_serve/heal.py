@@ -27,7 +27,7 @@ from tqdm import tqdm
 from tucker_serve.chat import source_chats
 from tucker_serve.evaluate import perplexity, text_windows
 from tucker_serve.model import TuckerLlama
-from tucker_serve.ops.paged import FP8_CACHE_DTYPES
+from tucker_serve.cache_dtypes import rounding_dtypes
 from tucker_serve.checkpoint import ModelError, read_config, write_folder
 from tucker_serve.sources import load_hf_model, load_tokenizer, resolve
 from tucker_serve.text import load_text, text_tokens
@@ -61,9 +61,6 @@ class HealOptions:
     # The serving cache the model is healed for: "fp8" (e4m3, vLLM's unit scales) rounds the latent
     # keys and values in every training forward (gradients pass straight through the rounding).
     kv_cache_dtype: str = "auto"
-
-
-FP8_CACHES = {"auto": None, **FP8_CACHE_DTYPES}
 
 
 class Windows:
@@ -224,9 +221,10 @@ def heal(model_dir, out_dir, opt: HealOptions, progress: bool = True) -> dict:
     report = json.loads((folder.folder / "tucker_report.json").read_text())
     source = resolve(opt.source or report["source"])
     torch.manual_seed(opt.seed)
-    if opt.kv_cache_dtype not in FP8_CACHES:
-        raise ModelError(f"--kv-cache-dtype {opt.kv_cache_dtype!r}: healing knows {', '.join(FP8_CACHES)}")
-    student = TuckerLlama.from_pretrained(folder.folder, cache_dtype=FP8_CACHES[opt.kv_cache_dtype])
+    rounding = rounding_dtypes()  # auto: the latent as computed; an fp8 cache: rounded to its grid
+    if opt.kv_cache_dtype != "auto" and opt.kv_cache_dtype not in rounding:
+        raise ModelError(f"--kv-cache-dtype {opt.kv_cache_dtype!r}: healing knows {', '.join(['auto', *rounding])}")
+    student = TuckerLlama.from_pretrained(folder.folder, cache_dtype=rounding.get(opt.kv_cache_dtype))
     for p in student.parameters():
         p.requires_grad_(False)
     for block in student.model.layers:

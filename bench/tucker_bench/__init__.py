@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from tucker_serve import cache_dtypes
 from tucker_serve import cache_layout as cl
 
 
@@ -215,7 +216,7 @@ def summarize(found: list[Row], opt: BenchOptions) -> dict:
     base = next(r for r in found if r.source and r.cache_dtype == "auto").results["decode"]
     out = []
     for r in found:
-        dtype = opt.dtype if r.cache_dtype == "auto" else r.cache_dtype
+        dtype = cache_dtypes.resolve(r.cache_dtype, opt.dtype)
         layout = cl.model_layout(json.loads((r.folder / "config.json").read_text()), dtype)
         decode = [{**d, "speed_vs_source": d["tokens_per_s"] / b["tokens_per_s"]}
                   for d, b in zip(r.results["decode"], base)]

@@ -28,12 +28,13 @@ from vllm.v1.attention.backend import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
-from tucker_serve.ops.paged import FP8_CACHE_DTYPES, PagedBatch, paged_attention, write_latent_cache
+from tucker_serve.cache_dtypes import CACHE_DTYPES, rounding_dtypes
+from tucker_serve.ops.paged import PagedBatch, paged_attention, write_latent_cache
 
 BACKEND_NAME = "TUCKER"
 SHARED_BACKEND_NAME = "TUCKER_SHARED"
-# vLLM's --kv-cache-dtype values, and the element type an fp8 cache is read as (None: the cache's own)
-CACHE_DTYPES = {"auto": None, "float32": None, "bfloat16": None, "float16": None, **FP8_CACHE_DTYPES}
+KV_CACHE_DTYPES = ("auto", *CACHE_DTYPES)  # "auto": the model's dtype
+READ_AS = rounding_dtypes()  # vLLM allocates fp8 caches as uint8: the element type they are read as
 
 
 @dataclass(frozen=True)
@@ -83,11 +84,11 @@ class TuckerAttentionImpl(AttentionImpl[TuckerMetadata]):
                 raise ValueError(f"the TUCKER backend does not support {name}")
         if attn_type != AttentionType.DECODER:
             raise ValueError(f"the TUCKER backend supports decoder attention only, got {attn_type}")
-        if kv_cache_dtype not in CACHE_DTYPES:
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"the TUCKER backend does not support kv_cache_dtype={kv_cache_dtype}")
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads, self.kv_cache_dtype = 1, kv_cache_dtype
-        self.fp8 = CACHE_DTYPES[kv_cache_dtype]  # vLLM allocates fp8 caches as uint8: read them as this
+        self.fp8 = READ_AS.get(kv_cache_dtype)  # None: the cache is read in its own dtype
         self.latent_freqs = latent_freqs  # shared-latent mode: rotate cached keys at read time
 
     def scales(self, layer) -> tuple[float, float]:
@@ -134,7 +135,7 @@ class TuckerAttentionImpl(AttentionImpl[TuckerMetadata]):
 class TuckerAttentionBackend(AttentionBackend):
     forward_includes_kv_cache_update: bool = False
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float32, torch.bfloat16, torch.float16]
-    supported_kv_cache_dtypes: ClassVar[list[str]] = list(CACHE_DTYPES)
+    supported_kv_cache_dtypes: ClassVar[list[str]] = list(KV_CACHE_DTYPES)
 
     @staticmethod
     def get_name() -> str:

@@ -44,7 +44,7 @@ from tucker_serve.families import HIDDEN_ACT
 from tucker_serve.model import checked_tensors
 from tucker_serve.ops.paged import round_to_cache
 from tucker_serve.rope import rope_cos_sin
-from tucker_vllm.backend import CACHE_DTYPES, TuckerAttentionBackend, TuckerSharedLatentBackend
+from tucker_vllm.backend import READ_AS, TuckerAttentionBackend, TuckerSharedLatentBackend
 
 
 def head_shards(num_heads: int) -> tuple[int, int]:
@@ -162,7 +162,7 @@ class TuckerLlamaAttention(nn.Module):
         backend = latent_backend(c.r3, c.rt3, self.shared, cache_dtype)
         # fp8 element type to round to before vLLM's CPU kernel stores (it truncates); None: no rounding.
         # Tucker checkpoints carry no cache scales, so vLLM stores with unit scales.
-        self.round_to = CACHE_DTYPES.get(cache_dtype) if backend is None and current_platform.is_cpu() else None
+        self.round_to = READ_AS.get(cache_dtype) if backend is None and current_platform.is_cpu() else None
         extra = {"latent_freqs": freqs} if self.shared else {}  # shared latent: keys rotate when read
         self.attn = Attention(
             num_heads=self.heads, head_size=c.r3, scale=cfg.softmax_scale, num_kv_heads=1,

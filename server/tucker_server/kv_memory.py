@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tucker_serve import cache_dtypes
 from tucker_serve import cache_layout as cl
 from tucker_serve.cache_layout import MemoryLayout, model_layout
 
@@ -15,8 +16,7 @@ USAGE: dict[int, float] = {}
 
 def cache_dtype(vllm_config) -> str:
     """The cache's element type as vLLM allocates it: 'auto' follows the model's dtype."""
-    dtype = vllm_config.cache_config.cache_dtype
-    return str(vllm_config.model_config.dtype).removeprefix("torch.") if dtype == "auto" else dtype
+    return cache_dtypes.resolve(vllm_config.cache_config.cache_dtype, vllm_config.model_config.dtype)
 
 
 @dataclass(frozen=True)

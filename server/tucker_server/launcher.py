@@ -14,8 +14,10 @@ import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from tucker_serve.cache_dtypes import served_names
+from tucker_serve.checkpoint import ModelError
 from tucker_serve.paths import cache_dir
-from tucker_serve.sources import ModelError, resolve
+from tucker_serve.sources import resolve
 
 DEFAULT_SOURCE = "smollm2-135m"
 # The best model a first `make serve` can build within 10 minutes on 2 cores (docs/quality.md):
@@ -56,7 +58,7 @@ class ServeOptions:
     dtype: str = option("float32", str, "weights and activations", choices=("float32", "bfloat16", "float16"))
     kv_cache_dtype: str = option("auto", str, "KV-cache element type (auto: the weights' dtype; fp8 halves a 16-bit "
                                               "cache and stacks with the Tucker latent)",
-                                 choices=("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2"))
+                                 choices=served_names())
     served_model_name: str | None = option(None, str, "the model id clients send")
     tensor_parallel_size: int = option(1, int, "GPUs (or CPU ranks) to shard the heads over")
 

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tucker_serve.cache_dtypes import rounding_dtypes
 from tucker_serve.rope import apply_rope, rope_cos_sin
 
-
-# vLLM's fp8 --kv-cache-dtype values and the element type each stores
-FP8_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FP8_CACHE_DTYPES = rounding_dtypes()  # the fp8 rows of the cache-dtype table, by name, as torch dtypes
 
 
 def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
