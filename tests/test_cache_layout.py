@@ -1,4 +1,4 @@
-"""The byte formulas against the reference figures of DESIGN.md s1 (GPT-2 small, bf16, MB = 1e6 B)."""
+"""The byte formulas against the reference figures of docs/design.md s1 (GPT-2 small, bf16, MB = 1e6 B)."""
 
 import pytest
 

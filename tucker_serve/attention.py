@@ -1,4 +1,4 @@
-"""Reference Tucker attention in PyTorch: the forward pass of DESIGN.md s1, never forming d x d.
+"""Reference Tucker attention in PyTorch: the forward pass of docs/design.md s1, never forming d x d.
 
 Parameters are the serving form of the factors: shared maps U2, U3, Ut3, Ut2 and per-head cores
 B_h, Bt_h (the Tucker core folded with the head factor). With `block_core` a head's core reads

@@ -1,4 +1,4 @@
-"""Convert a Llama-family checkpoint to Tucker attention (DESIGN.md s2), exact at full rank.
+"""Convert a Llama-family checkpoint to Tucker attention (docs/design.md s2), exact at full rank.
 
 Keys: per RoPE frequency k, the G KV heads' rotate-half pairs form z_k in C^G; a complex basis
 per frequency commutes with RoPE, so the latent key keeps the leading components of z_k chosen
@@ -70,7 +70,7 @@ def choose_ranks(s: AttentionShape, opt: ConvertOptions) -> tuple[int, int]:
 def default_key_fraction(ratio: float) -> float:
     """Share of the latent given to keys: equal up to 3x, more beyond 3x.
 
-    Follows the prototype's split measurements (DESIGN.md section 2: 60/36 at 4x, 48/16 at 6x).
+    Follows the prototype's split measurements (docs/design.md s2: 60/36 at 4x, 48/16 at 6x).
     """
     return 0.5 if ratio <= 3 else min(0.75, 0.5 + 0.0625 * (ratio - 3))
 

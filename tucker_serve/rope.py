@@ -2,7 +2,7 @@
 
 A latent of width r is split into halves (x1, x2); pair i = (x1[i], x2[i]) is the complex number
 x1[i] + i*x2[i], rotated by position * freqs[i]. Llama's per-head RoPE is the special case
-freqs = theta_k over one head; a converted model carries its own per-pair vector (DESIGN.md s2).
+freqs = theta_k over one head; a converted model carries its own per-pair vector (docs/design.md s2).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def complex_basis_map(bases: list[torch.Tensor], head_dim: int) -> torch.Tensor:
     at frequency k form z = x[k] + i*x[k + head_dim/2]; the latent keeps P_k^H z_k (m_k complex
     numbers), real parts in the first half of the latent and imaginary parts in the second, in
     frequency-major order. Returns A (G, head_dim, r3) with latent = sum_g x_g @ A[g]. The same map
-    sends a query head of group g to its latent query: conj(P_k[g, j]) * zq (DESIGN.md s2).
+    sends a query head of group g to its latent query: conj(P_k[g, j]) * zq (docs/design.md s2).
     """
     half = head_dim // 2
     if len(bases) != half:

@@ -68,7 +68,7 @@ def _block_selector(heads: int, width: int, dtype) -> torch.Tensor:
 def from_gqa(Wq, Wk, Wv, Wo, inv_freq: torch.Tensor) -> tuple[TuckerFactors, torch.Tensor]:
     """Exact Tucker form of MHA/GQA/MQA with per-head RoPE (G = H, 1 < G < H, G = 1).
 
-    Keys go to the RoPE-structured latent of DESIGN.md s2 with identity bases, so latent RoPE with
+    Keys go to the RoPE-structured latent of docs/design.md s2 with identity bases, so latent RoPE with
     the returned per-pair frequencies reproduces per-head RoPE. Ranks (H, H*D, G*D, H, H*D, G*D).
     """
     H, d, D = Wq.shape
