@@ -41,6 +41,7 @@ from vllm.v1.attention.selector import get_attn_backend
 
 from tucker_serve.checkpoint import TuckerModelConfig
 from tucker_serve.families import HIDDEN_ACT
+from tucker_serve.fold import fold_output, fold_query
 from tucker_serve.model import checked_tensors
 from tucker_serve.ops.paged import round_to_cache
 from tucker_serve.rope import rope_cos_sin
@@ -76,31 +77,6 @@ class Factors(nn.Module):
             self.q_shared.bias, self.k_latent.bias = param(c.r2), param(c.r3)
             if not c.shared_latent:
                 self.v_latent.bias = param(c.rt3)
-
-
-def fold_query(f: Factors, block: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-head latent query maps U2 B_h stacked: weight (H * r3, d) and bias (H * r3,)."""
-    heads, q_in, _ = f.q_core.shape
-    core, u2 = f.q_core.float(), f.q_shared.weight.float()
-    if block:  # head h reads only its own slice of the shared projection
-        weight = torch.einsum("hid,hir->hrd", u2.view(heads, q_in, -1), core)
-    else:
-        weight = torch.einsum("id,hir->hrd", u2, core)
-    bias = getattr(f.q_shared, "bias", None)
-    if bias is not None:
-        bias = torch.einsum("hi,hir->hr", bias.float().view(heads, -1), core) if block else \
-            torch.einsum("i,hir->hr", bias.float(), core)
-        bias = bias.flatten()
-    return weight.flatten(0, 1), bias
-
-
-def fold_output(f: Factors, block: bool) -> torch.Tensor:
-    """Per-head output maps Ut2 Bt_h side by side: weight (d, H * rt3)."""
-    heads = f.o_core.shape[0]
-    ut2, core = f.o_shared.weight.float(), f.o_core.float()
-    if block:
-        return torch.einsum("dho,hos->dhs", ut2.view(ut2.shape[0], heads, -1), core).flatten(1)
-    return torch.einsum("do,hos->dhs", ut2, core).flatten(1)
 
 
 class LatentRotaryEmbedding(RotaryEmbedding):
@@ -174,7 +150,7 @@ class TuckerLlamaAttention(nn.Module):
     def fold(self) -> None:
         """Pack the loaded factors into qkv_proj and o_proj (each rank takes its heads), then drop them."""
         f = self.factors
-        q_weight, q_bias = fold_query(f, self.block_core)
+        q_weight, q_bias = fold_query(f.q_shared.weight, getattr(f.q_shared, "bias", None), f.q_core, self.block_core)
         v_src = f.k_latent if self.shared else f.v_latent  # shared latent: the value is the key latent
         load = lambda param, tensor, shard: param.weight_loader(param, tensor.to(param.dtype), shard)
         load(self.qkv_proj.weight, q_weight, "q")
@@ -184,7 +160,7 @@ class TuckerLlamaAttention(nn.Module):
             load(self.qkv_proj.bias, q_bias, "q")
             load(self.qkv_proj.bias, f.k_latent.bias, "k")
             load(self.qkv_proj.bias, v_src.bias, "v")
-        out = fold_output(f, self.block_core).to(self.o_proj.weight.dtype)
+        out = fold_output(f.o_shared.weight, f.o_core, self.block_core).to(self.o_proj.weight.dtype)
         self.o_proj.weight.weight_loader(self.o_proj.weight, out)
         del self.factors
 
