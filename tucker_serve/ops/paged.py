@@ -134,16 +134,17 @@ def prefill_attention(query: torch.Tensor, rows: torch.Tensor, scale: float,
 
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, batch: PagedBatch, scale: float,
-                    out: torch.Tensor, latent_freqs: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor, latent_freqs: torch.Tensor | None = None, decode=decode_attention) -> torch.Tensor:
     """Attention of every scheduled token over its request's cached latents (cache already written).
 
-    query (T, H, r3) -> out (T, H, rt3). The decodes are computed together in one batched
-    computation; longer queries (prefill, chunked prefill over a cached prefix) one by one.
+    query (T, H, r3) -> out (T, H, rt3). The decodes are computed together in one batched call of
+    `decode` (this module's `decode_attention`, or a kernel with its signature); longer queries
+    (prefill, chunked prefill over a cached prefix) one by one.
     """
     d = batch.num_decodes
     if d:
-        out[:d] = decode_attention(query[:d], kv_cache, batch.block_table[:d], batch.seq_lens[:d], scale,
-                                   latent_freqs, batch.max_decode_len).to(out.dtype)
+        out[:d] = decode(query[:d], kv_cache, batch.block_table[:d], batch.seq_lens[:d], scale,
+                         latent_freqs=latent_freqs, max_len=batch.max_decode_len).to(out.dtype)
     prefill_each(query, kv_cache, batch, scale, out, latent_freqs)
     return out
 
