@@ -8,7 +8,22 @@ import sys
 
 import pytest
 
+from tucker_bench import BenchOptions
+
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+FP8_COST = 1.04
+BATCH, NEW_TOKENS = BenchOptions.quick().batch, BenchOptions.quick().new_tokens
+
+
+def assert_frontier_plot(path, panels: int, points: int) -> None:
+    """A real PNG of the expected size with the variants' coloured markers on it (black is the source)."""
+    import numpy as np
+    from matplotlib.image import imread
+
+    image = imread(path)[..., :3]  # (H, W, RGB) in 0..1
+    assert image.shape[:2] == (504, 720 * panels)
+    saturated = (image.max(-1) - image.min(-1)) > 0.4  # marker colours; text, axes and grid are grey
+    assert saturated.sum() >= 20 * (points - 2) * panels
 
 
 def test_quick_bench_reports_capacity_quality_and_speed_per_cache_dtype(converted, tmp_path):
@@ -27,16 +42,24 @@ def test_quick_bench_reports_capacity_quality_and_speed_per_cache_dtype(converte
     # vLLM's own block counts for the same budget follow the byte formula (within one block)
     for r in rows.values():
         assert r["tokens_per_gib"] == pytest.approx(2**30 / r["bytes_per_token"], rel=0.02)
-    # fp8 costs some quality, compression more; nothing breaks (measured on these 2,048 tokens: the 2x
-    # latent 37.1 -> 41.1 in fp8, +11%: its rounding error, not clamping, see docs/benchmarks.md)
+    # fp8 costs some quality, compression more; nothing breaks. FP8_COST bounds what the fp8 latent may add:
+    # rounded to nearest it added 0.5% on these tokens (36.82 -> 37.02), vLLM's truncating CPU store more
     assert source["wiki_perplexity"] < tucker["wiki_perplexity"] < 4 * source["wiki_perplexity"]
-    assert tucker["wiki_perplexity"] < tucker_fp8["wiki_perplexity"] < 1.2 * tucker["wiki_perplexity"]
-    assert source_fp8["wiki_perplexity"] == pytest.approx(source["wiki_perplexity"], rel=0.05)
+    assert tucker["wiki_perplexity"] < tucker_fp8["wiki_perplexity"] < FP8_COST * tucker["wiki_perplexity"]
+    # vLLM's own fp8 cache on the source: its CPU store truncates, and what that costs depends on the CPU's
+    # kernels (+1.3% on 16 windows in docs/bench, +6.3% on these 2,048 tokens on an AMX Xeon)
+    assert source["wiki_perplexity"] < source_fp8["wiki_perplexity"] < 1.10 * source["wiki_perplexity"]
     for r in rows.values():
-        assert [d["context"] for d in r["decode"]] == [256] and r["decode"][0]["tokens_per_s"] > 0
+        d = r["decode"][0]
+        assert [d["context"] for d in r["decode"]] == [256] and d["batch"] == BATCH
+        # the rate, the time per output token and the wall time describe one run (not a speed target)
+        assert d["tpot_ms"] == pytest.approx(1000 * d["batch"] / d["tokens_per_s"], rel=1e-6)
+        assert (NEW_TOKENS - 1) * d["tpot_ms"] / 1000 <= 1.5 * d["wall_s"]
     assert source["decode"][0]["speed_vs_source"] == 1
+    assert tucker["decode"][0]["speed_vs_source"] == pytest.approx(
+        tucker["decode"][0]["tokens_per_s"] / source["decode"][0]["tokens_per_s"])
     assert "| tucker 2x | fp8 | 5,760 |" in (out / "results.md").read_text()
-    assert (out / "frontier.png").stat().st_size > 1000
+    assert_frontier_plot(out / "frontier.png", panels=2 if "chat" in source else 1, points=len(rows))
 
     # every measured row was kept as it finished; --resume reads them back instead of measuring again
     partial = json.loads((out / "rows.partial.json").read_text())["rows"]
