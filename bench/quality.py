@@ -20,9 +20,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tucker_serve.convert import ConvertOptions, convert
+from tucker_serve.convert import ConvertOptions
 from tucker_serve.evaluate import evaluate
 from tucker_serve.heal import HealOptions, heal
+from tucker_serve.model_cache import tucker_model
 
 SOURCE = "smollm2-135m"
 
@@ -79,10 +80,9 @@ def measure(model: str, out: Path, name: str, tokens: int) -> dict:
 
 def build(v: Variant, out: Path) -> tuple[Path, dict]:
     """The variant's folder (converted, then healed), with what making it cost."""
-    folder = out / v.converted
-    if not folder.is_dir():
-        kind = dict(full_rank=True) if v.ratio == "full" else dict(kv_ratio=float(v.ratio))
-        convert(SOURCE, folder, ConvertOptions(**kind, calib_text=v.calib.replace("+", ",")), progress=False)
+    kind = dict(full_rank=True) if v.ratio == "full" else dict(kv_ratio=float(v.ratio))
+    folder = tucker_model(SOURCE, ConvertOptions(**kind, calib_text=v.calib.replace("+", ",")), root=out / "models",
+                          progress=False)
     report = json.loads((folder / "tucker_report.json").read_text())
     info = {"key_rank": report["key_rank"], "value_rank": report["value_rank"], "convert_seconds": report["seconds"]}
     if v.heal_minutes is None:

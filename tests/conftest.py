@@ -37,20 +37,12 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def converted(smollm2, tmp_path_factory):
-    """convert(kind) -> folder: 'full' (exact) or a ratio such as 2.0, made once per session."""
-    from tucker_serve.convert import ConvertOptions, convert
+    """converted(kind) -> folder: 'full' (exact) or a ratio such as 2.0, made once per session."""
+    from tucker_serve.model_cache import at_ratio, tucker_model
 
-    made = {}
-
-    def get(kind):
-        if kind not in made:
-            out = tmp_path_factory.mktemp("tucker") / f"smollm2-{kind}"
-            opt = ConvertOptions(full_rank=True) if kind == "full" else ConvertOptions(kv_ratio=float(kind))
-            convert("smollm2-135m", out, opt, progress=False)
-            made[kind] = out
-        return made[kind]
-
-    return get
+    root = tmp_path_factory.mktemp("tucker")
+    return lambda kind: tucker_model("smollm2-135m", at_ratio(1 if kind == "full" else float(kind)), root=root,
+                                     progress=False)
 
 
 @pytest.fixture(scope="module")

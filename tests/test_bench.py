@@ -28,7 +28,7 @@ def assert_frontier_plot(path, panels: int, points: int) -> None:
 
 def test_quick_bench_reports_capacity_quality_and_speed_per_cache_dtype(converted, tmp_path):
     out = tmp_path / "bench"
-    shutil.copytree(converted(2.0), out / "models" / "x2")  # the session's conversion; bench reuses it
+    shutil.copytree(converted(2.0), out / "models" / converted(2.0).name)  # the session's; bench reuses it
     cmd = [sys.executable, "-m", "tucker_cli", "bench", "--quick", "--kv-ratios", "2", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

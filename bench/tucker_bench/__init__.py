@@ -58,7 +58,7 @@ class Row:
 
 def rows(opt: BenchOptions, progress: bool) -> list[Row]:
     """The source model and each Tucker model (conversions cached under out/), each per cache dtype."""
-    from tucker_serve.convert import ConvertOptions, convert
+    from tucker_serve.model_cache import at_ratio, tucker_model
     from tucker_serve.sources import resolve
 
     source = resolve(opt.model)
@@ -66,11 +66,8 @@ def rows(opt: BenchOptions, progress: bool) -> list[Row]:
         raise ValueError(f"{opt.model} is already a Tucker checkpoint: bench takes the source model")
     models = [("source", source.folder)]
     for ratio in opt.kv_ratios:
-        folder = opt.out / "models" / f"x{ratio:g}"
-        if not (folder / "model.safetensors").is_file():
-            kind = ConvertOptions(full_rank=True) if ratio == 1 else ConvertOptions(kv_ratio=ratio)
-            convert(opt.model, folder, kind, progress=progress)
-        models.append((f"tucker {ratio:g}x", folder))
+        models.append((f"tucker {ratio:g}x", tucker_model(opt.model, at_ratio(ratio), root=opt.out / "models",
+                                                           progress=progress)))
     for spec in opt.tucker_models:
         found = resolve(spec)
         if not found.is_tucker:

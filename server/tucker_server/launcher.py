@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from tucker_serve.cache_dtypes import served_names
 from tucker_serve.checkpoint import ModelError
-from tucker_serve.paths import cache_dir
 from tucker_serve.sources import resolve
 
 DEFAULT_SOURCE = "smollm2-135m"
@@ -144,28 +142,12 @@ def model_folder(opt: ServeOptions) -> tuple[Path, str]:
         return source.folder, opt.served_model_name or source.folder.name
     if ratio is None:
         return source.folder, opt.served_model_name or spec
-    name = f"{source.folder.name}-tucker-{ratio:g}x" + (f"-healed{opt.heal_minutes:g}m" if opt.heal_minutes else "")
-    folder = cache_dir() / "models" / name
-    if not (folder / "model.safetensors").is_file():
-        build(spec, ratio, opt.heal_minutes, folder)
-    default_name = f"{DEFAULT_SOURCE}-tucker" if opt.model is None and opt.kv_ratio is None else name
+    from tucker_serve.convert import ConvertOptions
+    from tucker_serve.model_cache import tucker_model
+
+    folder = tucker_model(spec, ConvertOptions(kv_ratio=ratio), opt.heal_minutes)
+    default_name = f"{DEFAULT_SOURCE}-tucker" if opt.model is None and opt.kv_ratio is None else folder.name
     return folder, opt.served_model_name or default_name
-
-
-def build(spec: str, ratio: float, heal_minutes: float, folder: Path) -> None:
-    """Convert (calibrated on text and the source's own chat answers), then heal; once, cached."""
-    from tucker_serve.convert import ConvertOptions, convert
-
-    converted = folder.with_name(f"{folder.name}.converted") if heal_minutes else folder
-    print(f"building {folder.name}: {spec} converted to Tucker attention at {ratio:g}x KV compression"
-          + (f", then healed for {heal_minutes:g} CPU-minutes" if heal_minutes else "") + " (once)", flush=True)
-    if not (converted / "model.safetensors").is_file():
-        convert(spec, converted, ConvertOptions(kv_ratio=ratio))
-    if heal_minutes:
-        from tucker_serve.heal import HealOptions, heal
-
-        heal(converted, folder, HealOptions(minutes=heal_minutes, eval_tokens=0))
-        shutil.rmtree(converted, ignore_errors=True)
 
 
 def vllm_arguments(opt: ServeOptions, folder: Path, name: str) -> list[str]:

@@ -1,0 +1,24 @@
+"""The one home of cached conversions: folder names say what a folder holds, and a built model is reused."""
+
+import pytest
+
+from tucker_serve.convert import ConvertOptions
+from tucker_serve.model_cache import at_ratio, tucker_model, tucker_name
+
+
+def test_names_carry_ratio_options_and_healing():
+    assert tucker_name("src", ConvertOptions(kv_ratio=1.2)) == "src-tucker-1.2x"  # serve's cache names stay
+    assert tucker_name("src", ConvertOptions(kv_ratio=2.0), heal_minutes=30) == "src-tucker-2x-healed30m"
+    assert tucker_name("src", at_ratio(1)) == "src-tucker-full"
+    assert tucker_name("src", ConvertOptions(key_rank=96, value_rank=160)) == "src-tucker-k96-v160"
+    wiki = tucker_name("src", ConvertOptions(kv_ratio=1.5, calib_text="wiki"))
+    longer = tucker_name("src", ConvertOptions(kv_ratio=1.5, calib_tokens=32768))
+    assert wiki.startswith("src-tucker-1.5x-") and len({wiki, longer, "src-tucker-1.5x"}) == 3
+
+
+@pytest.mark.slow
+def test_a_built_model_is_reused_not_rebuilt(converted):
+    folder = converted(2.0)
+    before = (folder / "model.safetensors").stat().st_mtime_ns
+    again = tucker_model("smollm2-135m", at_ratio(2.0), root=folder.parent, progress=False)
+    assert again == folder and (again / "model.safetensors").stat().st_mtime_ns == before

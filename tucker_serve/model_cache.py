@@ -1,0 +1,63 @@
+"""The Tucker model for a source, conversion options and minutes of healing: built once, then reused.
+
+The one place that names and builds cached conversions, for `tucker-serve serve`, the benchmarks, the
+quality script and the tests. A folder's name says what it holds: '<source folder>-tucker-<ratio>x'
+(or '-full', '-k<R3>-v<RT3>'), a hash of any conversion option that differs from the defaults, and
+'-healed<N>m'. Ranks and options are recorded in the folder's config.json and tucker_report.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import fields
+from pathlib import Path
+
+from tucker_serve.convert import ConvertOptions, convert
+from tucker_serve.paths import cache_dir
+from tucker_serve.sources import resolve
+
+
+def tucker_name(source_name: str, opt: ConvertOptions, heal_minutes: float = 0.0) -> str:
+    """The cached folder's name for a source folder name, conversion options and healing minutes."""
+    if opt.full_rank:
+        kind = "full"
+    elif opt.kv_ratio is not None:
+        kind = f"{opt.kv_ratio:g}x"
+    else:
+        kind = f"k{opt.key_rank}-v{opt.value_rank}"
+    defaults = ConvertOptions(kv_ratio=opt.kv_ratio, key_rank=opt.key_rank, value_rank=opt.value_rank,
+                              full_rank=opt.full_rank)
+    changed = {f.name: getattr(opt, f.name) for f in fields(opt) if getattr(opt, f.name) != getattr(defaults, f.name)}
+    name = f"{source_name}-tucker-{kind}"
+    if changed:
+        name += "-" + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
+    return name + (f"-healed{heal_minutes:g}m" if heal_minutes else "")
+
+
+def tucker_model(spec: str, opt: ConvertOptions, heal_minutes: float = 0.0, root: Path | None = None,
+                 progress: bool = True) -> Path:
+    """The folder of `spec` converted with `opt` and healed for `heal_minutes` CPU-minutes (0: not healed),
+    under `root` (default: the user cache's models/); built on the first call, reused after."""
+    from tucker_serve.heal import HealOptions, heal
+
+    source = resolve(spec)
+    folder = Path(root or cache_dir() / "models") / tucker_name(source.folder.name, opt, heal_minutes)
+    if (folder / "model.safetensors").is_file():
+        return folder
+    converted = folder.with_name(f"{folder.name}.converted") if heal_minutes else folder
+    if progress:
+        print(f"building {folder.name}: {spec} converted to Tucker attention"
+              + (f", then healed for {heal_minutes:g} CPU-minutes" if heal_minutes else "") + " (once)", flush=True)
+    if not (converted / "model.safetensors").is_file():
+        convert(spec, converted, opt, progress=progress)
+    if heal_minutes:
+        heal(converted, folder, HealOptions(minutes=heal_minutes, eval_tokens=0), progress=progress)
+        shutil.rmtree(converted, ignore_errors=True)
+    return folder
+
+
+def at_ratio(ratio: float) -> ConvertOptions:
+    """Default conversion options at a KV compression ratio; 1 means the exact full-rank conversion."""
+    return ConvertOptions(full_rank=True) if ratio == 1 else ConvertOptions(kv_ratio=ratio)
