@@ -68,7 +68,7 @@ async def stream_completion(client: httpx.AsyncClient, server, prompt: str, max_
     """One streamed completion; `progress` (if given) gets the running token count after every event."""
     body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0.8,
             "seed": 1, "logprobs": 0, "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
-    tokens, done, usage, statuses = 0, False, None, []
+    tokens, done, usage, statuses, errors = 0, False, None, [], 0
     async with client.stream("POST", f"{server['url']}/v1/completions", json=body, headers=HEADERS) as r:
         statuses.append(r.status_code)
         async for line in r.aiter_lines():
@@ -80,11 +80,12 @@ async def stream_completion(client: httpx.AsyncClient, server, prompt: str, max_
             event = json.loads(line[6:])
             if event.get("usage"):
                 usage = event["usage"]
-            for choice in event["choices"]:
+            errors += "error" in event  # vLLM's error event mid-stream (it has no choices)
+            for choice in event.get("choices", []):
                 tokens += len(choice["logprobs"]["tokens"]) if choice.get("logprobs") else 0
             if progress is not None:
                 progress.append(tokens)
-    return {"status": statuses[0], "done": done, "tokens": tokens, "usage": usage}
+    return {"status": statuses[0], "done": done, "tokens": tokens, "usage": usage, "errors": errors}
 
 
 async def poll_metrics(server, stop: asyncio.Event, seen: list) -> None:
@@ -281,6 +282,6 @@ def test_sigterm_lets_in_flight_streams_finish_and_exits_0(server):
 
     at_signal, results = asyncio.run(main())
     assert all(1 <= n < budget for n in at_signal), at_signal  # every stream was running, none had finished
-    assert all(r["status"] == 200 and r["done"] and r["tokens"] == budget for r in results)
+    assert [(r["status"], r["done"], r["errors"], r["tokens"]) for r in results] == [(200, True, 0, budget)] * 6
     assert all(r["usage"]["completion_tokens"] == budget for r in results)
     assert server["proc"].wait(timeout=120) == 0
