@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from tucker_bench.serving import free_port, wait_for_http
+from tucker_bench.serving import free_port, scrape, wait_for_http
 
 NAME = "tucker"
 
@@ -35,8 +35,7 @@ def complete(url, prompt, **extra) -> httpx.Response:
 
 
 def metric(url, name) -> float:
-    lines = httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
-    return sum(float(line.split()[-1]) for line in lines if line.startswith(name + "{") or line.startswith(name + " "))
+    return scrape(url).get(name, 0.0)
 
 
 def probe_prefix_caching(url):

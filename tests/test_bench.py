@@ -17,7 +17,6 @@ BATCH, NEW_TOKENS = BenchOptions.quick().batch, BenchOptions.quick().new_tokens
 
 def assert_frontier_plot(path, panels: int, points: int) -> None:
     """A real PNG of the expected size with the variants' coloured markers on it (black is the source)."""
-    import numpy as np
     from matplotlib.image import imread
 
     image = imread(path)[..., :3]  # (H, W, RGB) in 0..1

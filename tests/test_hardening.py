@@ -12,9 +12,9 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import serve_process
+from tucker_bench.serving import metric_totals, scrape
 
 pytestmark = [pytest.mark.server, pytest.mark.vllm, pytest.mark.slow]
 KEY = "hardening-key"
@@ -51,16 +51,7 @@ def wait_idle(server, seconds: float = 60) -> dict:
 
 
 def metrics(server) -> dict[str, float]:
-    """vLLM's Prometheus samples, summed over labels: name -> value."""
-    return summed(httpx.get(f"{server['url']}/metrics", timeout=10).text)
-
-
-def summed(text: str) -> dict[str, float]:
-    totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-    return totals
+    return scrape(server["url"])
 
 
 async def stream_completion(client: httpx.AsyncClient, server, prompt: str, max_tokens: int,
@@ -92,7 +83,7 @@ async def poll_metrics(server, stop: asyncio.Event, seen: list) -> None:
     """Scrape /metrics every 0.1 s until `stop`, keeping every scrape."""
     async with httpx.AsyncClient(timeout=10) as client:
         while not stop.is_set():
-            seen.append(summed((await client.get(f"{server['url']}/metrics")).text))
+            seen.append(metric_totals((await client.get(f"{server['url']}/metrics")).text))
             await asyncio.sleep(0.1)
 
 
@@ -101,7 +92,7 @@ async def wait_for_metric(server, name: str, ok, seconds: float = 20) -> float |
     deadline = time.time() + seconds
     async with httpx.AsyncClient(timeout=10) as client:
         while time.time() < deadline:
-            value = summed((await client.get(f"{server['url']}/metrics")).text).get(name, 0.0)
+            value = metric_totals((await client.get(f"{server['url']}/metrics")).text).get(name, 0.0)
             if ok(value):
                 return value
             await asyncio.sleep(0.05)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import free_port, serve_process, wait_for_http
-from tucker_bench.serving import vllm_benchmark
+from tucker_bench.serving import scrape, vllm_benchmark
 from tucker_serve.model import TuckerLlama
 from tucker_serve.sources import load_tokenizer
 
@@ -54,13 +54,8 @@ def post(server, path, body, key=KEY):
 
 
 def prometheus_text(server) -> dict[str, float]:
-    """Samples of /metrics by name, labels dropped (one model, one engine)."""
-    samples = {}
-    for line in get(server, "/metrics").text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples.setdefault(name.split("{")[0], float(value))
-    return samples
+    """Samples of /metrics by name, summed over labels (one model, one engine)."""
+    return scrape(server["url"], headers={"Authorization": f"Bearer {KEY}"})
 
 
 @pytest.mark.parametrize("backend", ["openai", "openai-chat"])

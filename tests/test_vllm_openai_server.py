@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import free_port, wait_for_http
+from prometheus_client.parser import text_string_to_metric_families
 from tucker_serve.evaluate import load_lm
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -48,10 +49,10 @@ def test_memory_document_and_gauges_describe_the_model(server):
     assert memory["capacity_tokens"] == memory["blocks_total"] * memory["block_size"]
     # vLLM sized the cache from the same budget: its block count follows the bytes formula
     assert memory["capacity_tokens"] == pytest.approx(2**28 / memory["bytes_per_token"], rel=0.02)
-    metrics = httpx.get(f"{url}/metrics", timeout=10).text
-    ratio = [line for line in metrics.splitlines() if line.startswith("tucker_kv_compression_ratio{")]
-    assert len(ratio) == 1 and float(ratio[0].split()[-1]) == memory["compression_ratio"]
-    assert "vllm:kv_cache_usage_perc{" in metrics
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text)}
+    ratio = families["tucker_kv_compression_ratio"].samples
+    assert len(ratio) == 1 and ratio[0].value == memory["compression_ratio"]
+    assert len(families["vllm:kv_cache_usage_perc"].samples) == 1
 
 
 def test_completion_from_vllm_api_server_equals_reference_greedy_text(server):

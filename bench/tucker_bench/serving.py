@@ -69,11 +69,24 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 300) -> Non
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
+def metric_totals(text: str) -> dict[str, float]:
+    """Prometheus exposition text -> {sample name: value summed over its label sets}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
+def scrape(url: str, headers: dict | None = None) -> dict[str, float]:
+    """The server's /metrics, summed by sample name (one model, one engine: one sample each mostly)."""
+    return metric_totals(httpx.get(f"{url}/metrics", headers=headers, timeout=10).text)
+
+
 def preemptions(url: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("vllm:num_preemptions_total"):
-            return float(line.split()[-1])
-    return 0.0
+    return scrape(url).get("vllm:num_preemptions_total", 0.0)
 
 
 def level(url: str, folder: Path, concurrency: int) -> dict:
