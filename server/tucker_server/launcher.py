@@ -152,9 +152,8 @@ def model_folder(opt: ServeOptions) -> tuple[Path, str]:
 
 def vllm_arguments(opt: ServeOptions, folder: Path, name: str) -> list[str]:
     """vLLM server arguments for our options (pass-through arguments come after and win). vLLM's
-    compiled mode stays on everywhere (CUDA graphs on CUDA; on CPU it decoded the default model 1.33x
-    faster after about a minute of compiling at the first start, docs/benchmarks.md); pass
-    --enforce-eager to skip it."""
+    compiled mode stays on everywhere (CUDA graphs on CUDA; on CPU it decodes faster after compiling
+    once at the first start, docs/benchmarks.md); pass --enforce-eager to skip it."""
     return ["--model", str(folder), "--served-model-name", name, "--host", opt.host, "--port", str(opt.port),
             "--dtype", opt.dtype, "--kv-cache-dtype", opt.kv_cache_dtype, "--max-model-len", str(opt.max_model_len),
             "--kv-cache-memory-bytes", str(int(opt.kv_cache_gb * 2**30)),
