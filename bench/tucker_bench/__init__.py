@@ -20,11 +20,12 @@ from tqdm import tqdm
 
 from tucker_serve import cache_dtypes
 from tucker_serve import cache_layout as cl
+from tucker_serve.sources import DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
 class BenchOptions:
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     kv_ratios: tuple[float, ...] = (1.2, 1.5, 2.0, 3.0, 4.0)  # 1.2 = what `tucker-serve serve` serves
     tucker_models: tuple[str, ...] = ()  # Tucker folders to measure too (healed ones, say)
     cache_dtypes: tuple[str, ...] = ("auto", "fp8")  # vLLM's --kv-cache-dtype; auto = the weights' dtype

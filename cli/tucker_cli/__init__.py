@@ -8,9 +8,9 @@ import argparse
 import sys
 
 from tucker_serve import cache_layout as cl
+from tucker_serve.sources import DEFAULT_MODEL, MODEL_HELP
 from tucker_server.launcher import add_arguments as add_serve_arguments
 
-MODEL_HELP = "built-in name (smollm2-135m, qwen2.5-coder-0.5b), Hugging Face folder, .gguf file or Tucker folder"
 SCHEMES = "mha:H,D | gqa:G,D | mla:RANK[,ROPE_DIM] | tucker:R3,RT3 | tucker-shared:R3"
 
 
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     mem.set_defaults(func=cmd_memory)
 
     conv = sub.add_parser("convert", help="convert a Llama-family model to Tucker attention")
-    conv.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
+    conv.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     conv.add_argument("--out", required=True, help="output folder (written atomically)")
     rank = conv.add_mutually_exclusive_group(required=True)
     rank.add_argument("--kv-ratio", type=float, help="target KV-cache compression against the source")
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=cmd_convert)
 
     ev = sub.add_parser("eval", help="perplexity on real text, or chat fidelity against the source (--chat)")
-    ev.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
+    ev.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     ev.add_argument("--text", default="wiki", help="wiki, news or a UTF-8 file")
     ev.add_argument("--tokens", type=int, default=16384)
     ev.add_argument("--window", type=int, default=1024)
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="KV capacity, quality and decode speed: the source and Tucker conversions, "
                                          "each with a 16-bit and an fp8 cache, through vLLM")
-    bench.add_argument("--model", default="smollm2-135m", help="the source model (" + MODEL_HELP + ")")
+    bench.add_argument("--model", default=DEFAULT_MODEL, help="the source model (" + MODEL_HELP + ")")
     bench.add_argument("--kv-ratios", help="conversions to measure, comma-separated, 1 = full rank (default 1.2,1.5,2,3,4; \"\" = none)")
     bench.add_argument("--tucker-models", help="Tucker folders to measure too, comma-separated (e.g. healed ones)")
     bench.add_argument("--cache-dtypes", help="vLLM KV-cache dtypes per model (default auto,fp8; auto = --dtype)")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from tucker_serve.cache_dtypes import served_names
 from tucker_serve.checkpoint import ModelError
-from tucker_serve.sources import resolve
+from tucker_serve.sources import DEFAULT_MODEL, MODEL_HELP, resolve
 
-DEFAULT_SOURCE = "smollm2-135m"
+DEFAULT_SOURCE = DEFAULT_MODEL
 # The best model a first `make serve` can build within 10 minutes on 2 cores (docs/quality.md):
 # 1.2x keeps the source's chat answers without healing; 1.5x needs about 10 minutes of it.
 DEFAULT_RATIO = 1.2
@@ -38,8 +38,8 @@ def option(default, kind, help_: str, **extra):
 
 @dataclass(frozen=True)
 class ServeOptions:
-    model: str | None = option(None, str, "built-in name (smollm2-135m, qwen2.5-coder-0.5b), Hugging Face folder, "
-                                          ".gguf file or Tucker folder; default: smollm2-135m converted at 1.2x (cached)")
+    model: str | None = option(None, str, f"{MODEL_HELP}; default: {DEFAULT_MODEL} converted at {DEFAULT_RATIO:g}x "
+                                          "(cached)")
     kv_ratio: float | None = option(None, float, "convert a source model at this KV compression first (cached)")
     heal_minutes: float = option(DEFAULT_HEAL_MINUTES, float,
                                  "CPU-minutes of healing after a conversion (0: none); cached with the model")
