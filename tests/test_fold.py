@@ -4,6 +4,7 @@ the reference attention computes from its factors (block and dense cores, with a
 import pytest
 import torch
 
+from helpers import relative
 from tucker_serve.attention import TuckerAttention
 from tucker_serve.config import TuckerConfig
 from tucker_serve.fold import fold_output, fold_query
@@ -20,10 +21,6 @@ def random_attention(block: bool, bias: bool) -> TuckerAttention:
         for p in attn.parameters():
             p.copy_(torch.randn(p.shape, generator=g))
     return attn
-
-
-def relative(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize("block", [True, False])

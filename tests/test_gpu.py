@@ -6,15 +6,11 @@ mixed batches with 16-bit and fp8 caches, shared latents, and the reference mode
 import pytest
 import torch
 
-from test_paged_ops import BS, H, R3, RT3, make_batch
+from helpers import BS, H, R3, RT3, make_batch, relative
 from tucker_serve.ops.paged import PagedBatch, paged_attention
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CACHE_TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float8_e4m3fn: 2e-2, torch.float8_e5m2: 2e-2}
-
-
-def relative(a, b):
-    return ((a.double().cpu() - b.double().cpu()).abs().max() / b.double().abs().max()).item()
 
 
 @pytest.mark.parametrize("cache_dtype", list(CACHE_TOL))

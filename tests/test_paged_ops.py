@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from helpers import BS, H, R3, RT3, make_batch
 from tucker_serve.ops.paged import PagedBatch, paged_attention, write_latent_cache
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
-H, R3, RT3, BS = 6, 12, 20, 16
 
 
 def dense(q, k, v, scale):
@@ -16,28 +16,6 @@ def dense(q, k, v, scale):
     allowed = torch.arange(ctx)[None] <= torch.arange(ctx - q_len, ctx)[:, None]
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
     return torch.einsum("hql,ls->qhs", probs, v)
-
-
-def make_batch(ctx_lens, q_lens, dtype, seed=0):
-    """A cache with shuffled blocks holding every request's latents; queries for the new tokens."""
-    g = torch.Generator().manual_seed(seed)
-    blocks_per = [-(-c // BS) for c in ctx_lens]
-    num_blocks = sum(blocks_per) + 3
-    perm = torch.randperm(num_blocks, generator=g)
-    table = torch.zeros(len(ctx_lens), max(blocks_per), dtype=torch.int32)
-    cache = torch.randn(num_blocks, 1, BS, R3 + RT3, generator=g, dtype=dtype)  # junk everywhere
-    keys, values, used = [], [], 0
-    for i, (c, nb) in enumerate(zip(ctx_lens, blocks_per)):
-        table[i, :nb] = perm[used: used + nb]
-        used += nb
-        k, v = torch.randn(c, R3, generator=g, dtype=dtype), torch.randn(c, RT3, generator=g, dtype=dtype)
-        slots = table[i, torch.arange(c) // BS].long() * BS + torch.arange(c) % BS
-        write_latent_cache(cache, k, v, slots)
-        keys.append(k)
-        values.append(v)
-    q = torch.randn(sum(q_lens), H, R3, generator=g, dtype=dtype)
-    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
-    return cache, table, keys, values, q, qsl
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

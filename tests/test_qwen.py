@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from helpers import greedy
 from tucker_serve.sources import builtin_installed
 
 NAME = "qwen2.5-coder-0.5b"
@@ -52,9 +53,5 @@ def test_vllm_serves_the_2x_conversion_as_the_reference_generates(qwen, start_ll
     tok = load_tokenizer(x2)
     prompt = "def fibonacci(n):\n    "
     out = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), use_tqdm=False)
-    ids = tok(prompt).input_ids
     reference = TuckerLlama.from_pretrained(x2)
-    with torch.no_grad():
-        for _ in range(12):
-            ids.append(int(reference(torch.tensor([ids]))[0, -1].argmax()))
-    assert list(out[0].outputs[0].token_ids) == ids[-12:]
+    assert list(out[0].outputs[0].token_ids) == greedy(reference, tok(prompt).input_ids, 12)

@@ -5,7 +5,7 @@ equal widths, which vLLM's own CPU attention serves (its store truncates; the mo
 import pytest
 import torch
 
-from test_vllm_tiny import max_logprob_error, prompts, run
+from helpers import max_logprob_error, prompts, run
 from tiny_checkpoint import RANKS, write_tiny_checkpoint
 from tucker_serve.model import TuckerLlama
 

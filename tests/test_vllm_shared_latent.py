@@ -3,7 +3,7 @@ are rotated at read time; parity with the reference and half the bytes of separa
 
 import pytest
 
-from test_vllm_tiny import LOGPROB_TOL, max_logprob_error, prompts, run
+from helpers import LOGPROB_TOL, max_logprob_error, prompts, run
 from tiny_checkpoint import LAYERS, RANKS, VOCAB, write_tiny_checkpoint
 from tucker_serve import cache_layout as cl
 from tucker_serve.model import TuckerLlama

@@ -4,9 +4,8 @@ capacity vLLM reports against the source model's under the same cache budget."""
 import json
 
 import pytest
-import torch
 
-from test_vllm_tiny import LOGPROB_TOL, max_logprob_error
+from helpers import LOGPROB_TOL, greedy, max_logprob_error
 from tucker_serve import cache_layout as cl
 from tucker_serve.model import TuckerLlama
 
@@ -61,12 +60,7 @@ def test_greedy_generation_equals_reference(llm, tucker_dir):
     outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True),
                            use_tqdm=False)
     for text, out in zip(PROMPTS, outputs):
-        seq = tok(text).input_ids
-        start = len(seq)
-        with torch.no_grad():
-            for _ in range(16):
-                seq.append(int(reference(torch.tensor([seq]))[0, -1].argmax()))
-        assert list(out.outputs[0].token_ids) == seq[start:]
+        assert list(out.outputs[0].token_ids) == greedy(reference, tok(text).input_ids, 16)
 
 
 def test_capacity_follows_the_formula_and_the_compression_ratio(llm, tucker_dir, smollm2):

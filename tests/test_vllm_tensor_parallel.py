@@ -3,7 +3,7 @@ the latent projections and cache replicated; parity with the single-process refe
 
 import pytest
 
-from test_vllm_tiny import LOGPROB_TOL, max_logprob_error, prompts, run
+from helpers import LOGPROB_TOL, max_logprob_error, prompts, run
 from tiny_checkpoint import VOCAB, write_tiny_checkpoint
 from tucker_serve.model import TuckerLlama
 

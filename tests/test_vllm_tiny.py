@@ -6,13 +6,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
+from helpers import LOGPROB_TOL, greedy, max_logprob_error, prompts, run
 from tiny_checkpoint import VOCAB, write_tiny_checkpoint
 from tucker_serve.model import TuckerLlama
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-LOGPROB_TOL = 1e-4  # float32, absolute, on full-vocabulary log-probabilities
 
 
 @pytest.fixture(scope="module")
@@ -27,37 +26,6 @@ def llm(tiny, start_llm):
     return start_llm(model=str(tiny), skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
                      block_size=16, max_num_batched_tokens=64, max_model_len=512, max_logprobs=-1,
                      kv_cache_memory_bytes=8 * 2**20, seed=0)
-
-
-def prompts(lengths, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in lengths]
-
-
-def run(llm, token_lists, max_tokens=6, prompt_logprobs=True):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=-1, ignore_eos=True,
-                            prompt_logprobs=-1 if prompt_logprobs else None, detokenize=False)
-    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in token_lists], params, use_tqdm=False)
-
-
-def max_logprob_error(reference, prompt, output) -> tuple[float, int]:
-    """Largest |vLLM - reference| over every vocabulary entry of every prompt and output position."""
-    generated = list(output.outputs[0].token_ids)
-    with torch.no_grad():
-        ref = reference(torch.tensor([prompt + generated])).log_softmax(-1)[0]
-    prompt_rows = output.prompt_logprobs or [None] * len(prompt)  # absent when not requested
-    rows = [(p - 1, prompt_rows[p]) for p in range(1, len(prompt)) if prompt_rows[p] is not None]
-    rows += [(len(prompt) + j - 1, d) for j, d in enumerate(output.outputs[0].logprobs)]
-    worst, entries = 0.0, 0
-    for pos, logprobs in rows:
-        ids = torch.tensor(list(logprobs.keys()))
-        got = torch.tensor([lp.logprob for lp in logprobs.values()])
-        worst = max(worst, (got - ref[pos, ids]).abs().max().item())
-        entries += len(ids)
-    return worst, entries
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +45,7 @@ def test_ragged_batch_matches_reference_on_prefill_and_decode(llm, reference):
 def test_greedy_tokens_equal_reference_greedy_decoding(llm, reference):
     batch = prompts([5, 40, 90], seed=2)
     for prompt, out in zip(batch, run(llm, batch, max_tokens=12)):
-        seq = list(prompt)
-        with torch.no_grad():
-            for _ in range(12):
-                seq.append(int(reference(torch.tensor([seq]))[0, -1].argmax()))
-        assert list(out.outputs[0].token_ids) == seq[len(prompt):]
+        assert list(out.outputs[0].token_ids) == greedy(reference, prompt, 12)
 
 
 def test_prefix_cached_prompt_matches_reference(llm, reference):

@@ -11,17 +11,13 @@ os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported (de
 import pytest
 import torch
 
-from test_paged_ops import BS, H, R3, RT3, make_batch
+from helpers import BS, H, R3, RT3, make_batch, relative
 from tucker_serve.ops.paged import decode_attention
 from tucker_serve.ops.triton_decode import available, paged_decode, split_work
 
 pytestmark = pytest.mark.skipif(not available(torch.device("cpu")), reason="triton is not installed")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float8_e4m3fn: 1e-5, torch.float8_e5m2: 1e-5}
 # relative to the largest output entry; fp8 caches are compared with the reference reading the same fp8 cache
-
-
-def relative(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])
