@@ -104,8 +104,10 @@ def test_healing_for_an_fp8_cache_trains_through_the_rounding(converted, tmp_pat
                              progress=False).perplexity for dtype in (None, torch.float8_e4m3fn)}
     # the healing loop saw the latent as vLLM's fp8 cache stores it, and trained through the rounding
     assert report["kv_cache_dtype"] == "fp8" and report["global_steps"] == 4
+    # rounding to nearest costs 2x about +0.8% (36.78 -> 37.06): ten times the tolerance above, so the
+    # report's perplexity could not have come from an unrounded latent
     assert report["perplexity_before"] == pytest.approx(ppl[torch.float8_e4m3fn], rel=1e-4)
-    assert ppl[torch.float8_e4m3fn] > 1.01 * ppl[None]
+    assert ppl[torch.float8_e4m3fn] > 1.001 * ppl[None]
     before, after = TuckerLlama.from_pretrained(converted(2.0)), TuckerLlama.from_pretrained(tmp_path / "fp8")
     changed = [n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters()) if not torch.equal(a, b)]
     assert changed and all(".self_attn." in n for n in changed)
