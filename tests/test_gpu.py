@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import BS, H, R3, RT3, make_batch, relative
-from tucker_serve.ops.paged import PagedBatch, paged_attention
+from tucker_serve.ops.paged import PagedBatch, decode_routine, paged_attention
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CACHE_TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float8_e4m3fn: 2e-2, torch.float8_e5m2: 2e-2}
@@ -15,8 +15,9 @@ CACHE_TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float8_e4m3fn: 2e-
 
 @pytest.mark.parametrize("cache_dtype", list(CACHE_TOL))
 def test_backend_dispatch_matches_reference_on_a_mixed_batch(cache_dtype):
-    from tucker_vllm.gpu import gpu_attention
+    from tucker_serve.ops.triton_decode import paged_decode
 
+    assert decode_routine(torch.device("cuda")) is paged_decode
     ctx_lens, q_lens = [1, BS, 5 * BS + 3, 300, 40, 70], [1, 1, 1, 1, 40, 29]
     cache, table, _, _, q, qsl = make_batch(ctx_lens, q_lens, torch.float32)
     cache, q = cache.to(cache_dtype), q.to(torch.bfloat16)
@@ -26,13 +27,11 @@ def test_backend_dispatch_matches_reference_on_a_mixed_batch(cache_dtype):
     query = q.cuda()
     batch = PagedBatch.of(qsl, seq.cuda(), table.cuda())
     out = torch.zeros(q.shape[0], H, RT3, dtype=torch.bfloat16, device="cuda")
-    gpu_attention(query, cache.cuda(), batch, 0.3, out, None)
+    paged_attention(query, cache.cuda(), batch, 0.3, out, None, decode=decode_routine(query.device))
     assert relative(out, want) <= CACHE_TOL[cache_dtype]
 
 
 def test_shared_latent_decode_on_the_gpu():
-    from tucker_vllm.gpu import gpu_attention
-
     g = torch.Generator().manual_seed(3)
     cache = torch.randn(40, 1, BS, R3, generator=g)
     table = torch.randperm(40, generator=g)[:30].view(2, 15).to(torch.int32)
@@ -43,7 +42,8 @@ def test_shared_latent_decode_on_the_gpu():
     want = torch.zeros(2, H, R3, dtype=torch.float64)
     paged_attention(q.double(), cache.double(), PagedBatch.of(qsl, seq, table), 0.4, want, freqs)
     out = torch.zeros(2, H, R3, device="cuda")
-    gpu_attention(q.cuda(), cache.cuda(), PagedBatch.of(qsl, seq.cuda(), table.cuda()), 0.4, out, freqs.cuda())
+    paged_attention(q.cuda(), cache.cuda(), PagedBatch.of(qsl, seq.cuda(), table.cuda()), 0.4, out, freqs.cuda(),
+                    decode=decode_routine(q.device))
     assert relative(out, want) <= 1e-4
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import BS, H, R3, RT3, make_batch
-from tucker_serve.ops.paged import PagedBatch, paged_attention, write_latent_cache
+from tucker_serve.ops.paged import PagedBatch, decode_attention, decode_routine, paged_attention, write_latent_cache
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
 
@@ -55,3 +55,10 @@ def test_a_batch_must_put_its_decodes_first():
     with pytest.raises(ValueError, match="decodes"):
         PagedBatch.of(qsl, torch.tensor([5, 9]), torch.zeros(2, 1, dtype=torch.int32))
     assert PagedBatch.of(torch.tensor([0, 1, 2, 9]), torch.tensor([3, 30, 7]), torch.zeros(3, 2)).num_decodes == 2
+
+
+def test_cpu_decodes_with_pytorch_even_under_the_triton_interpreter(monkeypatch):
+    # TRITON_INTERPRET=1 makes the Triton kernel runnable on the CPU (its tests use it); the backend
+    # still decodes CPU batches with PyTorch (tests/test_gpu.py checks the CUDA choice)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert decode_routine(torch.device("cpu")) is decode_attention

@@ -6,8 +6,9 @@ vLLM hands each layer kv_cache (num_blocks, 1, block_size, r3 + rt3): rows of [r
 latent value] per token, shared by all query heads (MQA with one KV head). In shared-latent mode the
 cache holds only the unrotated latent (r3): keys are rotated from their positions when read.
 
-`forward` dispatches once per platform: on CPU the vectorised PyTorch ops of
-`tucker_serve.ops.paged`; on CUDA the Triton paged decode kernel (`tucker_vllm.gpu`).
+Attention is `tucker_serve.ops.paged.paged_attention` on every platform; only the batched decode
+routine differs (`decode_routine`: the Triton paged decode kernel on CUDA, PyTorch elsewhere), chosen
+at a layer's first forward from the query's device.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from tucker_serve.cache_dtypes import CACHE_DTYPES, rounding_dtypes
-from tucker_serve.ops.paged import PagedBatch, paged_attention, write_latent_cache
+from tucker_serve.ops.paged import PagedBatch, decode_routine, paged_attention, write_latent_cache
 
 BACKEND_NAME = "TUCKER"
 SHARED_BACKEND_NAME = "TUCKER_SHARED"
@@ -90,6 +91,7 @@ class TuckerAttentionImpl(AttentionImpl[TuckerMetadata]):
         self.num_kv_heads, self.kv_cache_dtype = 1, kv_cache_dtype
         self.fp8 = READ_AS.get(kv_cache_dtype)  # None: the cache is read in its own dtype
         self.latent_freqs = latent_freqs  # shared-latent mode: rotate cached keys at read time
+        self.decode = None  # the batched decode routine, chosen at the first forward (decode_routine)
 
     def scales(self, layer) -> tuple[float, float]:
         """vLLM's per-layer cache scales (stored = value / scale); a shared latent uses the key's for both."""
@@ -121,12 +123,9 @@ class TuckerAttentionImpl(AttentionImpl[TuckerMetadata]):
         # (scores are linear in the key) and v_scale into the output (linear in the value).
         k_scale, v_scale = self.scales(layer)
         cache = kv_cache.view(self.fp8) if self.fp8 else kv_cache
-        if query.is_cuda:
-            from tucker_vllm.gpu import gpu_attention
-
-            gpu_attention(query[:n], cache, m, self.scale * k_scale, output[:n], freqs)
-        else:
-            paged_attention(query[:n], cache, m, self.scale * k_scale, output[:n], freqs)
+        if self.decode is None:
+            self.decode = decode_routine(query.device)
+        paged_attention(query[:n], cache, m, self.scale * k_scale, output[:n], freqs, decode=self.decode)
         if v_scale != 1.0:
             output[:n] *= v_scale
         return output

@@ -133,6 +133,17 @@ def prefill_attention(query: torch.Tensor, rows: torch.Tensor, scale: float,
     return out[0].transpose(0, 1)
 
 
+def decode_routine(device: torch.device):
+    """The batched decode for a device, chosen once per layer by the backend: the Triton kernel of
+    `tucker_serve.ops.triton_decode` on CUDA when Triton is installed, else `decode_attention`."""
+    if device.type == "cuda":
+        from tucker_serve.ops.triton_decode import available, paged_decode
+
+        if available(device):
+            return paged_decode
+    return decode_attention
+
+
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, batch: PagedBatch, scale: float,
                     out: torch.Tensor, latent_freqs: torch.Tensor | None = None, decode=decode_attention) -> torch.Tensor:
     """Attention of every scheduled token over its request's cached latents (cache already written).
