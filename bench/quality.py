@@ -66,7 +66,7 @@ def cached(path: Path, make):
 
 def measure(model: str, out: Path, name: str, tokens: int) -> dict:
     """Perplexity on both texts and chat fidelity, cached per model."""
-    from tucker_bench.chat import chat_eval
+    from tucker_eval.chat import chat_eval
 
     def make():
         row = {text: evaluate(model, text, tokens, 1024, progress=False)["perplexity"] for text in ("wiki", "news")}

@@ -74,7 +74,7 @@ def test_healing_on_the_sources_answers_lowers_kl_on_held_out_prompts(smollm2, c
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_chat_evaluation_scores_a_drifting_model_below_its_source(smollm2, converted):
-    from tucker_bench.chat import chat_eval
+    from tucker_eval.chat import chat_eval
 
     source = chat_eval("smollm2-135m", progress=False)
     assert source["same_answer_as_source"] == 1.0 and source["agreement"] > 0.99

@@ -10,7 +10,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
 def test_default_model_keeps_the_sources_perplexity_and_answers(converted):
-    from tucker_bench.chat import chat_eval
+    from tucker_eval.chat import chat_eval
     from tucker_serve.evaluate import evaluate
 
     default = str(converted(DEFAULT_RATIO))  # what `tucker-serve serve` converts with no options

@@ -1,5 +1,5 @@
 """`tucker-serve serve` without an engine: its options, their TUCKER_* variables, the vLLM arguments
-they become, the plugins it enables, and CPU settings."""
+they become and the plugins it enables (its CPU settings: tests/test_plugin_settings.py)."""
 
 import argparse
 
@@ -7,7 +7,7 @@ import pytest
 
 from tucker_cli import build_parser
 from tucker_server.launcher import (
-    MIDDLEWARE, ServeOptions, add_arguments, configure_cpu, options_from, plugin_environment, vllm_arguments,
+    MIDDLEWARE, ServeOptions, add_arguments, options_from, plugin_environment, vllm_arguments,
 )
 
 
@@ -62,15 +62,6 @@ def test_plugin_environment_names_our_plugins_and_keys_the_middleware():
     fresh = {}
     plugin_environment(ServeOptions(), fresh)
     assert fresh["VLLM_PLUGINS"] == "tucker" and "TUCKER_API_KEY" not in fresh
-
-
-@pytest.mark.parametrize("cores,ranks,expected", [(2, 1, "0-1"), (2, 2, "0-0|1-1"), (4, 2, "0-1|2-3"), (16, 1, None)])
-def test_cpu_binding_shares_small_machines_between_ranks(monkeypatch, cores, ranks, expected):
-    monkeypatch.setattr("os.cpu_count", lambda: cores)
-    env = {"VLLM_CPU_KVCACHE_SPACE": "3"}
-    configure_cpu(ranks, env)
-    assert env.get("VLLM_CPU_OMP_THREADS_BIND") == expected
-    assert "VLLM_CPU_KVCACHE_SPACE" not in env  # --kv-cache-memory-bytes must win
 
 
 @pytest.mark.parametrize("env", [{"TUCKER_API_KEY": ""}, {"TUCKER_API_KEY": "  "}])

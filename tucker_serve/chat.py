@@ -2,7 +2,7 @@
 the source model's own greedy answers (transformers' generate, for healing), answer correctness on
 the question set, and teacher-forced agreement and KL of a converted model on the source's answers.
 
-Evaluation generates through vLLM, as the model is served (`tucker_bench.chat`).
+Evaluation generates through vLLM, as the model is served (`tucker_eval.chat`).
 """
 
 from __future__ import annotations

@@ -80,10 +80,11 @@ def rows(opt: BenchOptions, progress: bool) -> list[Row]:
 def measure(row: Row, opt: BenchOptions, chat_set, windows: dict, bar) -> None:
     """Everything about one row, on one engine."""
     from tucker_bench import engine as e
+    from tucker_eval import engine as served
     from tucker_serve.sources import load_tokenizer
 
     max_len = max(max(opt.contexts) + opt.new_tokens, 1024, chat_set["longest"] if chat_set else 0) + 8
-    llm = e.start_engine(row.folder, row.name, max_len, opt.kv_cache_gb, opt.dtype, row.cache_dtype, opt.eager)
+    llm = served.start_engine(row.folder, row.name, max_len, opt.kv_cache_gb, opt.dtype, row.cache_dtype, opt.eager)
     vocab = len(load_tokenizer(row.folder))
     try:
         tokens, block = e.capacity(llm)
@@ -92,12 +93,12 @@ def measure(row: Row, opt: BenchOptions, chat_set, windows: dict, bar) -> None:
         async def run_all():
             r = row.results
             for text, w in windows.items():
-                r[f"{text}_perplexity"] = await e.served_perplexity(llm, w)
+                r[f"{text}_perplexity"] = await served.served_perplexity(llm, w)
                 bar.update(1)
             if chat_set:
-                answers = await e.served_answers(llm, chat_set["prompts"], chat_set["max_tokens"])
+                answers = await served.served_answers(llm, chat_set["prompts"], chat_set["max_tokens"])
                 r["chat"] = chat_scores(answers, chat_set)
-                r["chat"]["agreement"] = await e.served_agreement(llm, chat_set["pairs"])
+                r["chat"]["agreement"] = await served.served_agreement(llm, chat_set["pairs"])
                 bar.update(1)
             await e.decode_rate(llm, vocab, 1, 16, 4, seed=0)  # warm-up
             r["decode"] = []
@@ -123,7 +124,7 @@ def chat_set_of(opt: BenchOptions) -> dict | None:
     """The evaluation prompts and the source's own answers (float32, cached), shared by every row."""
     if not opt.chat:
         return None
-    from tucker_bench.chat import source_answers
+    from tucker_eval.chat import source_answers
     from tucker_serve import chat
     from tucker_serve.prompts import QUESTIONS
     from tucker_serve.sources import load_tokenizer, resolve

@@ -13,7 +13,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from tucker_bench.engine import served_answers, start_engine
+from tucker_eval.engine import served_answers, start_engine
 from tucker_serve import chat
 from tucker_serve.prompts import QUESTIONS
 from tucker_serve.sources import ModelSource, load_tokenizer, resolve

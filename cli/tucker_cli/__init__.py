@@ -65,7 +65,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     if args.chat:
-        from tucker_bench.chat import chat_eval
+        from tucker_eval.chat import chat_eval
 
         result = chat_eval(args.model, args.source, args.max_tokens, args.kv_cache_dtype, progress=not args.json)
         summary = (f"{args.model}: {result['correct']}/{result['questions']} questions answered correctly "

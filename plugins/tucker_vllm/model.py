@@ -18,7 +18,6 @@ backend and the reference model hold.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable
 
@@ -45,6 +44,7 @@ from tucker_serve.fold import fold_output, fold_query
 from tucker_serve.model import checked_tensors
 from tucker_serve.ops.paged import round_to_cache
 from tucker_serve.rope import rope_cos_sin
+from tucker_vllm import attention_mode
 from tucker_vllm.backend import READ_AS, TuckerAttentionBackend, TuckerSharedLatentBackend
 
 
@@ -104,10 +104,10 @@ class LatentRotaryEmbedding(RotaryEmbedding):
 
 def latent_backend(r3: int, rt3: int, shared: bool, kv_cache_dtype: str):
     """None (vLLM selects its own backend) for plain MQA latents it supports; else a TUCKER backend.
-    TUCKER_ATTENTION=tucker forces the TUCKER backend on every layer (for comparisons)."""
+    TUCKER_ATTENTION=tucker forces the TUCKER backend on every layer (for comparisons; `attention_mode`)."""
     if shared:
         return TuckerSharedLatentBackend
-    if r3 == rt3 and os.environ.get("TUCKER_ATTENTION", "auto") != "tucker":
+    if r3 == rt3 and attention_mode() == "auto":
         try:
             if get_attn_backend(r3, torch.get_default_dtype(), kv_cache_dtype).supports_head_size(r3):
                 return None

@@ -16,6 +16,7 @@ from pathlib import Path
 from tucker_serve.cache_dtypes import served_names
 from tucker_serve.checkpoint import ModelError
 from tucker_serve.sources import DEFAULT_MODEL, MODEL_HELP, resolve
+from tucker_vllm import configure_cpu
 
 DEFAULT_SOURCE = DEFAULT_MODEL
 # The best model a first `make serve` can build within 10 minutes on 2 cores (docs/quality.md):
@@ -174,17 +175,6 @@ def plugin_environment(opt: ServeOptions, environ=os.environ) -> None:
         if value:
             environ[env_name(name)] = "1" if value is True else str(value)
     configure_cpu(opt.tensor_parallel_size, environ)
-
-
-def configure_cpu(ranks: int, environ=os.environ) -> None:
-    """vLLM CPU settings: the cache size comes from --kv-cache-memory-bytes (VLLM_CPU_KVCACHE_SPACE
-    would override it in whole GiB); on small machines the ranks share out every core (vLLM's
-    automatic binding keeps one core per rank for its scheduler and wants a NUMA node per rank)."""
-    environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    cores = os.cpu_count() or 1
-    if ranks <= cores <= 4:
-        per = cores // ranks
-        environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(f"{r * per}-{(r + 1) * per - 1}" for r in range(ranks)))
 
 
 def run(opt: ServeOptions, passthrough: list[str]) -> int:
