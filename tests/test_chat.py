@@ -95,7 +95,7 @@ def test_healing_for_an_fp8_cache_trains_through_the_rounding(converted, tmp_pat
     from tucker_serve.sources import load_tokenizer
     from tucker_serve.text import load_text
 
-    with pytest.raises(ModelError, match="kv-cache-dtype 'int8'"):
+    with pytest.raises(ModelError, match="kv_cache_dtype='int8' is not a cache healing knows"):
         heal(converted(2.0), tmp_path / "bad", HealOptions(steps=1, kv_cache_dtype="int8"), progress=False)
     opt = HealOptions(steps=4, chat=0.0, seq=128, batch=2, eval_tokens=2048, kv_cache_dtype="fp8")
     report = heal(converted(2.0), tmp_path / "fp8", opt, progress=False)["healing"]

@@ -65,9 +65,9 @@ def test_corrupt_gguf(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args,needle", [
-    (["--key-rank", "500", "--value-rank", "64"], "--key-rank 500 must lie in [1, 192]"),
-    (["--key-rank", "63", "--value-rank", "64"], "--key-rank 63 must be even"),
-    (["--kv-ratio", "200"], "--kv-ratio 200.0 must lie in [1, 96]"),
+    (["--key-rank", "500", "--value-rank", "64"], "key_rank=500 must lie in [1, 192], G*D of this model (--key-rank)"),
+    (["--key-rank", "63", "--value-rank", "64"], "key_rank=63 must be even"),
+    (["--kv-ratio", "200"], "kv_ratio=200.0 must lie in [1, 96] for this model (--kv-ratio)"),
 ])
 def test_ranks_that_do_not_fit(tmp_path, smollm2, args, needle):
     proc = run_cli("convert", "--model", "smollm2-135m", *args, "--out", str(tmp_path / "o"))

@@ -21,35 +21,43 @@ from tucker_serve.calibrate import AttentionShape, LayerStats, collect
 from tucker_serve.chat import source_chats
 from tucker_serve.rope import basis_freqs, complex_basis_map
 from tucker_serve.checkpoint import ModelError, converted_config, write_folder
+from tucker_serve.options import cite, flag, invalid, option
 from tucker_serve.sources import load_hf_model, load_tokenizer, resolve
 from tucker_serve.text import text_tokens
 
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    kv_ratio: float | None = None
-    key_rank: int | None = None
-    value_rank: int | None = None
-    full_rank: bool = False
-    calib_text: str = "wiki,chat"  # text and the source's own chat answers (see calibration_tokens)
-    calib_tokens: int = 16384
+    # Exactly one of kv_ratio, full_rank or key_rank with value_rank (choose_ranks).
+    kv_ratio: float | None = option(None, float, "target KV-cache compression against the source", one_of="rank")
+    key_rank: int | None = option(None, int, "latent key width r3 (with --value-rank)", one_of="rank")
+    value_rank: int | None = option(None, int, "latent value width rt3 (with --key-rank)")
+    full_rank: bool = option(False, flag, "exact conversion (no compression)", one_of="rank")
+    # text and the source's own chat answers (see calibration_tokens)
+    calib_text: str = option("wiki,chat", str, "comma-separated: wiki, news, chat (the source's own answers to "
+                                               "healing prompts) or UTF-8 files")
+    calib_tokens: int = option(16384, int, "calibration tokens, shared out over --calib-text")
     calib_window: int = 512
-    dtype: str = "float32"
-    key_metric: str = "attention"  # attention | query | plain (see key_bases)
-    value_stat: str = "values"  # values | outputs: the Gram matrix whose principal directions are kept
+    dtype: str = option("float32", str, "dtype of the converted weights", choices=("float32", "bfloat16", "float16"))
+    key_metric: str = option("attention", str, "key importance (see key_bases): attention-centred and "
+                                               "query-weighted, query-weighted, or raw",
+                             choices=("attention", "query", "plain"))
+    value_stat: str = option("values", str, "value directions from the values' Gram matrix or the attention "
+                                            "outputs'", choices=("values", "outputs"))
 
 
 def choose_ranks(s: AttentionShape, opt: ConvertOptions) -> tuple[int, int]:
-    """Latent key and value widths (r3, rt3) from --full-rank, explicit ranks or --kv-ratio."""
+    """Latent key and value widths (r3, rt3) from full_rank, explicit ranks or kv_ratio."""
     full = s.groups * s.head_dim
     chosen = [opt.full_rank, opt.kv_ratio is not None, opt.key_rank is not None or opt.value_rank is not None]
     if sum(chosen) != 1:
-        raise ModelError("give exactly one of --full-rank, --kv-ratio or --key-rank/--value-rank")
+        raise ModelError(f"give exactly one of {cite('full_rank', 'kv_ratio', 'key_rank')} (key_rank with "
+                         "value_rank)")
     if opt.full_rank:
         return full, full
     if opt.kv_ratio is not None:
         if not 1 <= opt.kv_ratio <= s.kv_width / 4:
-            raise ModelError(f"--kv-ratio {opt.kv_ratio} must lie in [1, {s.kv_width / 4:g}] for this model")
+            raise ModelError(invalid("kv_ratio", opt.kv_ratio, f"must lie in [1, {s.kv_width / 4:g}] for this model"))
         total = s.kv_width / opt.kv_ratio
         fraction = default_key_fraction(opt.kv_ratio)
         if fraction == 0.5:  # equal widths (plain MQA: vLLM's own kernels), at least the asked compression
@@ -58,12 +66,12 @@ def choose_ranks(s: AttentionShape, opt: ConvertOptions) -> tuple[int, int]:
         key = 2 * round(total * fraction / 2)
         return min(key, full), min(round(total) - key, full)
     if opt.key_rank is None or opt.value_rank is None:
-        raise ModelError("--key-rank and --value-rank go together")
-    for name, rank in (("--key-rank", opt.key_rank), ("--value-rank", opt.value_rank)):
+        raise ModelError(f"{cite('key_rank', 'value_rank', conj='and')} go together")
+    for name, rank in (("key_rank", opt.key_rank), ("value_rank", opt.value_rank)):
         if not 1 <= rank <= full:
-            raise ModelError(f"{name} {rank} must lie in [1, {full}] (G*D of this model)")
+            raise ModelError(invalid(name, rank, f"must lie in [1, {full}], G*D of this model"))
     if opt.key_rank % 2:
-        raise ModelError(f"--key-rank {opt.key_rank} must be even (latent RoPE rotates pairs)")
+        raise ModelError(invalid("key_rank", opt.key_rank, "must be even: latent RoPE rotates pairs"))
     return opt.key_rank, opt.value_rank
 
 
@@ -176,7 +184,7 @@ def calibration_tokens(model, tokenizer, source_folder: Path, opt: ConvertOption
     texts (calibration split), files, and `chat`, the source's own answers to the healing prompts."""
     parts = [p.strip() for p in opt.calib_text.split(",") if p.strip()]
     if not parts:
-        raise ModelError("--calib-text names no text")
+        raise ModelError(invalid("calib_text", opt.calib_text, "names no text"))
     share, ids = opt.calib_tokens // len(parts), []
     for part in parts:
         if part == "chat":
@@ -201,7 +209,7 @@ def convert(model_spec: str, out_dir, opt: ConvertOptions, progress: bool = True
     r3, rt3 = choose_ranks(s, opt)
     dtype = getattr(torch, opt.dtype, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ModelError(f"--dtype {opt.dtype!r} must be float32, bfloat16 or float16")
+        raise ModelError(invalid("dtype", opt.dtype, "must be float32, bfloat16 or float16"))
     model, tokenizer = load_hf_model(source.folder), load_tokenizer(source.folder)
     ids = calibration_tokens(model, tokenizer, source.folder, opt, progress)
     stats = collect(model, ids, opt.calib_window, progress)

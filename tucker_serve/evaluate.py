@@ -10,8 +10,25 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tucker_serve.checkpoint import ModelError
+from tucker_serve.options import flag, invalid, option
 from tucker_serve.sources import load_hf_model, load_tokenizer, resolve
 from tucker_serve.text import load_text
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """`tucker-serve eval`: perplexity here (`evaluate`), or chat fidelity through vLLM (`chat`, in
+    `tucker_eval.chat`)."""
+
+    text: str = option("wiki", str, "wiki, news or a UTF-8 file")
+    tokens: int = option(16384, int, "tokens of the text to score")
+    window: int = option(1024, int, "tokens per scored window")
+    chat: bool = option(False, flag, "chat fidelity through vLLM: question set answered correctly, answers equal "
+                                     "to the source's, teacher-forced agreement and KL on the source's answers")
+    source: str | None = option(None, str, "the model to compare with (--chat)",
+                                shown="the one recorded at conversion")
+    max_tokens: int = option(48, int, "answer length for --chat")
+    kv_cache_dtype: str = option("auto", str, "vLLM cache dtype for --chat (auto, fp8, ...)")
 
 
 @dataclass(frozen=True)
@@ -40,7 +57,7 @@ def load_lm(spec: str):
 def text_windows(tokenizer, text: str, tokens: int, window: int) -> torch.Tensor:
     """The first `tokens` tokens of `text` as (n, window) non-overlapping windows."""
     if window < 2:
-        raise ModelError(f"--window {window} must be at least 2")
+        raise ModelError(invalid("window", window, "must be at least 2"))
     ids = tokenizer(text[: tokens * 12], add_special_tokens=False).input_ids[:tokens]
     n = len(ids) // window
     if n == 0:
@@ -59,7 +76,8 @@ def perplexity(lm, windows: torch.Tensor, batch: int = 4, progress: bool = True)
     return Perplexity(math.exp(total / count), total / count, count, windows.shape[0])
 
 
-def evaluate(spec: str, text: str = "wiki", tokens: int = 16384, window: int = 1024, progress: bool = True) -> dict:
+def evaluate(spec: str, text: str = EvalOptions.text, tokens: int = EvalOptions.tokens,
+             window: int = EvalOptions.window, progress: bool = True) -> dict:
     lm, tokenizer, source = load_lm(spec)
     result = perplexity(lm, text_windows(tokenizer, load_text(text, "eval"), tokens, window), progress=progress)
     return {"model": spec, "text": text, "window": window, "tucker": source.is_tucker, **result.__dict__}

@@ -29,6 +29,7 @@ from tucker_serve.evaluate import perplexity, text_windows
 from tucker_serve.model import TuckerLlama
 from tucker_serve.cache_dtypes import rounding_dtypes
 from tucker_serve.checkpoint import ModelError, read_config, write_folder
+from tucker_serve.options import cite, invalid, option
 from tucker_serve.sources import load_hf_model, load_tokenizer, resolve
 from tucker_serve.text import load_text, text_tokens
 
@@ -38,29 +39,34 @@ LOCAL_WINDOW = 512
 
 @dataclass(frozen=True)
 class HealOptions:
-    steps: int | None = None  # global steps (the local phase comes on top)
-    minutes: float | None = None  # whole budget, local phase included
-    lr: float = 2e-3  # relative: each tensor's step size is lr x its RMS (Adam steps are scale-free)
-    seq: int = 256
-    batch: int = 4
+    # Exactly one of steps or minutes.
+    steps: int | None = option(None, int, "KL steps after the per-layer phase (which comes on top)", one_of="budget")
+    minutes: float | None = option(None, float, "wall-clock budget for both phases", one_of="budget")
+    # relative: each tensor's step size is lr x its RMS (Adam steps are scale-free)
+    lr: float = option(2e-3, float, "peak learning rate (cosine schedule), relative to each tensor's RMS")
+    seq: int = option(256, int, "tokens per training window")
+    batch: int = option(4, int, "windows per step")
     # Per-layer phase (off by default): match each attention's output on cached source activations.
     # At 1.5x and 5 CPU-minutes it bought less than the same time spent on KL steps (docs/quality.md).
-    local_steps: int = 0
+    local_steps: int = option(0, int, "per-layer steps matching attention outputs before the KL phase (0: skip; "
+                                      "60 is a sensible value)")
     local_share: float = 0.35  # with a minute budget, the most of it the per-layer phase may take
     local_tokens: int = 16384
     local_lr: float = 1e-2
     bf16: bool = True  # autocast the global phase to bfloat16 (fp32 master weights)
-    text: str = "wiki,news"  # calibration splits, comma-separated
-    chat: float = 0.5  # share of training windows from the source's own chat answers
-    chat_prompts: int = 120  # passage prompts added to the written instructions
-    answer_tokens: int = 96  # longest source answer generated per prompt
+    text: str = option("wiki,news", str, "calibration texts, comma-separated")
+    chat: float = option(0.5, float, "share of training windows from the source's own answers to healing prompts "
+                                     "(0: text only, 1: chats only)")
+    chat_prompts: int = option(120, int, "passage prompts besides the written instructions")
+    answer_tokens: int = option(96, int, "longest source answer generated per prompt")
     eval_text: str = "wiki"
     eval_tokens: int = 8192
-    source: str | None = None  # default: the `source` recorded in tucker_report.json
+    source: str | None = option(None, str, "source model", shown="the one recorded at conversion")
     seed: int = 0
     # The serving cache the model is healed for: "fp8" (e4m3, vLLM's unit scales) rounds the latent
     # keys and values in every training forward (gradients pass straight through the rounding).
-    kv_cache_dtype: str = "auto"
+    kv_cache_dtype: str = option("auto", str, "the cache the model will be served with: fp8 rounds the latent in "
+                                              "training as vLLM's fp8 cache stores it (auto: no rounding)")
 
 
 class Windows:
@@ -214,7 +220,7 @@ def global_phase(student, teacher, windows: Windows, opt: HealOptions, deadline:
 def heal(model_dir, out_dir, opt: HealOptions, progress: bool = True) -> dict:
     """Distil `model_dir` (a Tucker folder) against its source; write the result to `out_dir`."""
     if (opt.steps is None) == (opt.minutes is None):
-        raise ModelError("give exactly one of --steps or --minutes")
+        raise ModelError(f"give exactly one of {cite('steps', 'minutes')}")
     folder = resolve(str(model_dir))
     if not folder.is_tucker:
         raise ModelError(f"{model_dir} is not a Tucker folder: convert it first")
@@ -223,7 +229,8 @@ def heal(model_dir, out_dir, opt: HealOptions, progress: bool = True) -> dict:
     torch.manual_seed(opt.seed)
     rounding = rounding_dtypes()  # auto: the latent as computed; an fp8 cache: rounded to its grid
     if opt.kv_cache_dtype != "auto" and opt.kv_cache_dtype not in rounding:
-        raise ModelError(f"--kv-cache-dtype {opt.kv_cache_dtype!r}: healing knows {', '.join(['auto', *rounding])}")
+        raise ModelError(invalid("kv_cache_dtype", opt.kv_cache_dtype,
+                                 f"is not a cache healing knows: {', '.join(['auto', *rounding])}"))
     student = TuckerLlama.from_pretrained(folder.folder, cache_dtype=rounding.get(opt.kv_cache_dtype))
     for p in student.parameters():
         p.requires_grad_(False)

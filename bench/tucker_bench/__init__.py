@@ -20,27 +20,36 @@ from tqdm import tqdm
 
 from tucker_serve import cache_dtypes
 from tucker_serve import cache_layout as cl
-from tucker_serve.sources import DEFAULT_MODEL
+from tucker_serve.options import flag, listing, option
+from tucker_serve.sources import DEFAULT_MODEL, MODEL_HELP
 
 
 @dataclass(frozen=True)
 class BenchOptions:
-    model: str = DEFAULT_MODEL
-    kv_ratios: tuple[float, ...] = (1.2, 1.5, 2.0, 3.0, 4.0)  # 1.2 = what `tucker-serve serve` serves
-    tucker_models: tuple[str, ...] = ()  # Tucker folders to measure too (healed ones, say)
-    cache_dtypes: tuple[str, ...] = ("auto", "fp8")  # vLLM's --kv-cache-dtype; auto = the weights' dtype
-    dtype: str = "bfloat16"
-    contexts: tuple[int, ...] = (1024, 2048)
-    batch: int = 8
+    model: str = option(DEFAULT_MODEL, str, f"the source model ({MODEL_HELP})")
+    # 1.2 = what `tucker-serve serve` serves
+    kv_ratios: tuple[float, ...] = option((1.2, 1.5, 2.0, 3.0, 4.0), listing(float),
+                                          'conversions to measure, comma-separated, 1 = full rank ("" = none)')
+    tucker_models: tuple[str, ...] = option((), listing(str), "Tucker folders to measure too, comma-separated "
+                                                              "(e.g. healed ones)")
+    cache_dtypes: tuple[str, ...] = option(("auto", "fp8"), listing(str), "vLLM KV-cache dtypes per model "
+                                                                          "(auto = --dtype)")
+    dtype: str = option("bfloat16", str, "weights dtype of every engine")
+    contexts: tuple[int, ...] = option((1024, 2048), listing(int), "prompt tokens for decode speed, comma-separated")
+    batch: int = option(8, int, "concurrent requests for decode speed")
     new_tokens: int = 48
-    kv_cache_gb: float = 1.0
+    kv_cache_gb: float = option(1.0, float, "cache budget in GiB for every engine")
     ppl_tokens: int = 16384
-    chat: bool = True
-    eager: bool = True  # False: vLLM's torch.compile mode
-    out: Path = Path("runs/bench")
-    serving: bool = False
-    serving_ratio: float = 2.0  # the Tucker variant the serving benchmark compares with the source
-    resume: bool = False  # read back rows an interrupted run with the same options measured
+    chat: bool = option(True, flag, "skip the chat-fidelity columns", flag_name="--no-chat")
+    eager: bool = option(True, flag, "engines in vLLM's torch.compile mode instead of eager mode",
+                         flag_name="--compile")
+    out: Path = option(Path("runs/bench"), Path, "folder for results.json, results.md and plots", required=True)
+    serving: bool = option(False, flag, "also load the HTTP server with vLLM's benchmark client (source vs one "
+                                        "ratio)")
+    serving_ratio: float = option(2.0, float, "the Tucker ratio the serving benchmark compares with the source "
+                                              "(the last of --kv-ratios when that one is not measured)")
+    resume: bool = option(False, flag, "keep the rows an interrupted run with the same options measured "
+                                       "(out/rows.partial.json)")
 
     @classmethod
     def quick(cls, **kw) -> "BenchOptions":

@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
+from tucker_serve import options
 from tucker_serve.cache_dtypes import served_names
 from tucker_serve.checkpoint import ModelError
+from tucker_serve.options import flag, option
 from tucker_serve.sources import DEFAULT_MODEL, MODEL_HELP, resolve
 from tucker_vllm import configure_cpu
 
@@ -25,22 +27,12 @@ DEFAULT_RATIO = 1.2
 DEFAULT_HEAL_MINUTES = 0.0
 MIDDLEWARE = "tucker_server.middleware.TuckerMiddleware"
 PLUGIN = "tucker"  # the name of our entry points in every vLLM plugin group
-
-
-def flag(text: str) -> bool:
-    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
-        raise ValueError(text)
-    return text.lower() in ("1", "true", "yes")
-
-
-def option(default, kind, help_: str, **extra):
-    return field(default=default, metadata={"kind": kind, "help": help_, **extra})
+ENV_PREFIX = "TUCKER_"
 
 
 @dataclass(frozen=True)
 class ServeOptions:
-    model: str | None = option(None, str, f"{MODEL_HELP}; default: {DEFAULT_MODEL} converted at {DEFAULT_RATIO:g}x "
-                                          "(cached)")
+    model: str | None = option(None, str, MODEL_HELP, shown=f"{DEFAULT_MODEL} converted at {DEFAULT_RATIO:g}x (cached)")
     kv_ratio: float | None = option(None, float, "convert a source model at this KV compression first (cached)")
     heal_minutes: float = option(DEFAULT_HEAL_MINUTES, float,
                                  "CPU-minutes of healing after a conversion (0: none); cached with the model")
@@ -63,35 +55,17 @@ class ServeOptions:
 
 
 def env_name(name: str) -> str:
-    return f"TUCKER_{name.upper()}"
+    return options.env_var(name, ENV_PREFIX)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """serve's own flags; defaults stay None so that TUCKER_* variables can fill them."""
-    for f in fields(ServeOptions):
-        meta, flag_name = f.metadata, "--" + f.name.replace("_", "-")
-        help_ = f"{meta['help']} (default {f.default}; env {env_name(f.name)})"
-        if meta["kind"] is flag:
-            parser.add_argument(flag_name, action="store_true", default=None, help=help_)
-        else:
-            parser.add_argument(flag_name, type=meta["kind"], default=None, choices=meta.get("choices"), help=help_)
+    options.add_arguments(parser, ServeOptions, env_prefix=ENV_PREFIX)
 
 
 def options_from(args: argparse.Namespace, environ=os.environ) -> ServeOptions:
     """Flags first, then TUCKER_<NAME> variables, then the defaults."""
-    given = {}
-    for f in fields(ServeOptions):
-        value, env = getattr(args, f.name, None), environ.get(env_name(f.name))
-        if value is None and (env or (env is not None and f.metadata.get("blank_is_value"))):
-            try:
-                value = f.metadata["kind"](env)
-            except ValueError:
-                raise ValueError(f"{env_name(f.name)}={env!r} is not a valid {f.metadata['kind'].__name__}") from None
-            if f.metadata.get("choices") and value not in f.metadata["choices"]:
-                raise ValueError(f"{env_name(f.name)}={env!r} must be one of {', '.join(f.metadata['choices'])}")
-        if value is not None:
-            given[f.name] = value
-    return ServeOptions(**given)
+    return options.options_from(args, ServeOptions, environ, env_prefix=ENV_PREFIX)
 
 
 def loopback(host: str) -> bool:
