@@ -1,9 +1,17 @@
 """Helpers shared by test modules (no tests here): comparisons, the greedy reference loop, vLLM parity
-against the reference model on token prompts, and paged-cache batches for the attention kernels."""
+against the reference model on token prompts, paged-cache batches for the attention kernels, dense
+attention written the textbook way (the oracles the Tucker forms must reproduce), and a tiny random
+Tucker checkpoint."""
+
+import json
+from pathlib import Path
 
 import torch
 
+from tucker_serve.checkpoint import ARCHITECTURE, TuckerModelConfig
+from tucker_serve.model import TuckerLlama
 from tucker_serve.ops.paged import write_latent_cache
+from tucker_serve.rope import apply_rope, default_inv_freq, rope_cos_sin
 
 # vLLM parity
 LOGPROB_TOL = 1e-4  # float32, absolute, on full-vocabulary log-probabilities
@@ -79,3 +87,84 @@ def make_batch(ctx_lens, q_lens, dtype, seed=0):
     q = torch.randn(sum(q_lens), H, R3, generator=g, dtype=dtype)
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     return cache, table, keys, values, q, qsl
+
+
+# Dense attention written the textbook way: the oracles the Tucker forms must reproduce.
+
+def _causal_softmax(scores: torch.Tensor) -> torch.Tensor:
+    T = scores.shape[-1]
+    mask = torch.ones(T, T, dtype=torch.bool).triu(1)
+    return scores.masked_fill(mask, float("-inf")).softmax(-1)
+
+
+def gqa_attention(x, Wq, Wk, Wv, Wo, inv_freq, positions):
+    """Llama attention with per-head rotate-half RoPE; x (T, d), Wq (H, d, D), Wk/Wv (G, d, D), Wo (H, D, d)."""
+    H, _, D = Wq.shape
+    rep = H // Wk.shape[0]
+    cos, sin = rope_cos_sin(inv_freq, positions)  # (T, D/2)
+    out = torch.zeros_like(x)
+    for h in range(H):
+        g = h // rep
+        q = apply_rope(x @ Wq[h], cos, sin)
+        k = apply_rope(x @ Wk[g], cos, sin)
+        a = _causal_softmax(q @ k.T / D**0.5)
+        out = out + a @ (x @ Wv[g]) @ Wo[h]
+    return out
+
+
+def mla_attention(x, W_dq, W_uq, W_dkv, W_uk, W_uv, Wo, inv_freq, positions):
+    """MLA with RoPE on the latent: the up-projected query is absorbed into the latent space,
+    both are rotated there, and values are read from the unrotated latent."""
+    D = W_uq.shape[-1]
+    c_q, c_kv = x @ W_dq, x @ W_dkv
+    cos, sin = rope_cos_sin(inv_freq, positions)
+    k = apply_rope(c_kv, cos, sin)
+    out = torch.zeros_like(x)
+    for h in range(W_uq.shape[0]):
+        q = apply_rope(c_q @ W_uq[h] @ W_uk[h].T, cos, sin)
+        a = _causal_softmax(q @ k.T / D**0.5)
+        out = out + a @ (c_kv @ W_uv[h]) @ Wo[h]
+    return out
+
+
+# A tiny random Tucker checkpoint: dense (non-block) cores by default, r3 != rt3, biases, untied head.
+# It exercises the general Tucker path that converted Llama checkpoints (block cores) do not. Its
+# vocabulary is 256 token ids and it has no tokenizer (engines run with skip_tokenizer_init).
+
+LAYERS, HIDDEN, HEADS, VOCAB = 2, 64, 4, 256
+RANKS = dict(r1=4, r2=32, r3=12, rt1=3, rt2=48, rt3=20)
+
+
+def tiny_config(shared_latent: bool = False, block_core: bool = False, ranks: dict | None = None) -> dict:
+    ranks = ranks or (dict(RANKS, rt3=RANKS["r3"]) if shared_latent else RANKS)
+    freqs = [(default_inv_freq(ranks["r3"], 500.0) * (1 + 0.1 * i)).tolist() for i in range(LAYERS)]
+    return {
+        "architectures": [ARCHITECTURE], "model_type": "llama",
+        "hidden_size": HIDDEN, "intermediate_size": 128, "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS, "num_key_value_heads": HEADS, "vocab_size": VOCAB,
+        "rms_norm_eps": 1e-6, "max_position_embeddings": 1024, "tie_word_embeddings": False,
+        "hidden_act": "silu", "bos_token_id": 0, "eos_token_id": 1, "dtype": "float32",
+        "tucker": {**ranks, "block_core": block_core, "shared_latent": shared_latent, "qkv_bias": True,
+                   "softmax_scale": 0.35, "source_kv_width": 2 * HIDDEN, "latent_rope_freqs": freqs},
+    }
+
+
+def write_tiny_checkpoint(folder: Path, seed: int = 0, shared_latent: bool = False, block_core: bool = False,
+                          ranks: dict | None = None) -> Path:
+    """Random weights scaled so that logits vary by a few nats; returns the folder."""
+    from safetensors.torch import save_file
+
+    config = tiny_config(shared_latent, block_core, ranks)
+    torch.manual_seed(seed)
+    model = TuckerLlama(TuckerModelConfig.from_dict(config))
+    state = {}
+    for name, p in model.state_dict().items():
+        if name.endswith("norm.weight"):
+            state[name] = 1 + 0.1 * torch.randn_like(p)
+        else:
+            fan_in = p.shape[-1] if p.dim() > 1 else 1
+            state[name] = torch.randn_like(p) * (0.3 if p.dim() == 1 else 1.5 / fan_in**0.5)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder

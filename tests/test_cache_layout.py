@@ -59,7 +59,7 @@ def test_unknown_dtype_is_rejected():
 
 
 def test_layout_of_a_tucker_config():
-    from tiny_checkpoint import tiny_config
+    from helpers import tiny_config
 
     layout = cl.model_layout(tiny_config(), "float32")
     assert (layout.width, layout.source_width, layout.num_layers) == (32, 128, 2)  # r3 + rt3 = 12 + 20

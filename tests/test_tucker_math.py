@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dense_attention import gqa_attention, mla_attention
+from helpers import gqa_attention, mla_attention
 from tucker_serve.attention import TuckerAttention
 from tucker_serve.rope import default_inv_freq
 from tucker_serve.tucker import attention_tensors, factorize, from_gqa, from_mla, hosvd, reconstruct

@@ -5,8 +5,7 @@ equal widths, which vLLM's own CPU attention serves (its store truncates; the mo
 import pytest
 import torch
 
-from helpers import max_logprob_error, prompts, run
-from tiny_checkpoint import RANKS, write_tiny_checkpoint
+from helpers import LAYERS, RANKS, max_logprob_error, prompts, run, write_tiny_checkpoint
 from tucker_serve.model import TuckerLlama
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -39,8 +38,6 @@ def test_fp8_cache_matches_the_reference_rounding_its_latents_to_fp8(case):
 
 
 def test_fp8_cache_holds_one_byte_per_latent_number(case):
-    from tiny_checkpoint import LAYERS
-
     _, llm, width = case
     config = llm.llm_engine.vllm_config.cache_config
     per_block = LAYERS * width * 1 * config.block_size

@@ -3,8 +3,8 @@ are rotated at read time; parity with the reference and half the bytes of separa
 
 import pytest
 
-from helpers import LOGPROB_TOL, max_logprob_error, prompts, run
-from tiny_checkpoint import LAYERS, RANKS, VOCAB, write_tiny_checkpoint
+from helpers import (LAYERS, LOGPROB_TOL, RANKS, VOCAB, max_logprob_error, prompts, run,
+                     write_tiny_checkpoint)
 from tucker_serve import cache_layout as cl
 from tucker_serve.model import TuckerLlama
 

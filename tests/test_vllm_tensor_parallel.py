@@ -3,8 +3,7 @@ the latent projections and cache replicated; parity with the single-process refe
 
 import pytest
 
-from helpers import LOGPROB_TOL, max_logprob_error, prompts, run
-from tiny_checkpoint import VOCAB, write_tiny_checkpoint
+from helpers import LOGPROB_TOL, VOCAB, max_logprob_error, prompts, run, write_tiny_checkpoint
 from tucker_serve.model import TuckerLlama
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

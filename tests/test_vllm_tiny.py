@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from helpers import LOGPROB_TOL, greedy, max_logprob_error, prompts, run
-from tiny_checkpoint import VOCAB, write_tiny_checkpoint
+from helpers import LOGPROB_TOL, VOCAB, greedy, max_logprob_error, prompts, run, write_tiny_checkpoint
 from tucker_serve.model import TuckerLlama
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
