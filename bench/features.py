@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from tucker_bench.serving import free_port, scrape, wait_for_http
+from tucker_bench.serving import free_port, scrape, serve_command, server_process
 
 NAME = "tucker"
 
@@ -123,31 +121,22 @@ FEATURES = [
 
 def run_group(model: str, flags: list[str], probes, log: Path) -> list[dict]:
     port, rows = free_port(), []
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "tucker_cli", "serve", "--model", model, "--port", str(port),
-           "--served-model-name", NAME, "--kv-cache-gb", "0.5", "--", *flags]
+    cmd = serve_command(model, port, "--served-model-name", NAME, "--kv-cache-gb", "0.5", "--", *flags)
     start = time.time()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_for_http(f"{url}/health", proc, timeout=900)
-    except (RuntimeError, TimeoutError):
-        proc.kill()
+        with server_process(cmd, port, log, timeout=900, stop_timeout=120) as server:
+            for feature, probe in probes:
+                try:
+                    ok, evidence = probe(server["url"])
+                except Exception as exc:  # a probe that crashes is a finding, not a script failure
+                    ok, evidence = False, f"{type(exc).__name__}: {exc}"[:200]
+                rows.append({"feature": feature, "flags": " ".join(flags), "works": ok, "evidence": evidence,
+                             "startup_s": round(time.time() - start)})
+    except (RuntimeError, TimeoutError):  # the server refused the flags (probes never raise)
         found = re.search(r"\] ((?:Value|Type|NotImplemented|Runtime)Error: .*)", log.read_text())
         error = found.group(1) if found else "no error line in the log"
         return [{"feature": f, "flags": " ".join(flags), "works": False, "evidence": f"server refused: {error[-200:]}"}
                 for f, _ in probes]
-    try:
-        for feature, probe in probes:
-            try:
-                ok, evidence = probe(url)
-            except Exception as exc:  # a probe that crashes is a finding, not a script failure
-                ok, evidence = False, f"{type(exc).__name__}: {exc}"[:200]
-            rows.append({"feature": feature, "flags": " ".join(flags), "works": ok, "evidence": evidence,
-                         "startup_s": round(time.time() - start)})
-    finally:
-        proc.terminate()
-        proc.wait(timeout=120)
     return rows
 
 

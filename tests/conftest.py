@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-from tucker_bench.serving import free_port, wait_for_http  # noqa: F401 (test modules import them from here)
+from tucker_bench.serving import free_port, serve_command, server_process
 
 _RUN_DIR = tempfile.mkdtemp(prefix="tucker-test-")
 
@@ -65,22 +65,7 @@ def start_llm():
 def serve_process(folder, log_path, *args, env=None):
     """A real `tucker-serve serve` on a free loopback port, healthy; stopped (or killed) on exit.
     Yields {"port", "url", "proc", "log", "folder"}."""
-    import subprocess
-    import sys
-
     port = free_port()
-    cmd = [sys.executable, "-m", "tucker_cli", "serve", "--model", str(folder), "--port", str(port),
-           "--enforce-eager", *args]  # tests skip the start-up compile
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        try:
-            wait_for_http(f"http://127.0.0.1:{port}/health", proc)
-            yield {"port": port, "url": f"http://127.0.0.1:{port}", "proc": proc, "log": log_path, "folder": folder}
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-            proc.wait(timeout=60)
+    cmd = serve_command(folder, port, "--enforce-eager", *args)  # tests skip the start-up compile
+    with server_process(cmd, port, log_path, env=env) as running:
+        yield {**running, "folder": folder}

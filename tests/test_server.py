@@ -16,7 +16,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import free_port, serve_process, wait_for_http
+from conftest import free_port, serve_process, server_process
 from tucker_bench.serving import scrape, vllm_benchmark
 from tucker_serve.model import TuckerLlama
 from tucker_serve.sources import load_tokenizer
@@ -227,16 +227,10 @@ def prometheus(server, tmp_path_factory):
         "global": {"scrape_interval": "1s"},
         "scrape_configs": [{"job_name": "tucker", "static_configs": [{"targets": [f"127.0.0.1:{server['port']}"]}]}],
     }))
-    with open(folder / "prometheus.log", "w") as log:
-        proc = subprocess.Popen([binary, f"--config.file={folder / 'prometheus.yml'}",
-                                 f"--storage.tsdb.path={folder / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-                                stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_for_http(f"http://127.0.0.1:{port}/-/ready", proc, timeout=60)
-            yield port
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    cmd = [binary, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
+           f"--web.listen-address=127.0.0.1:{port}"]
+    with server_process(cmd, port, folder / "prometheus.log", health="/-/ready", timeout=60, stop_timeout=30):
+        yield port
 
 
 def query_prometheus(port: int, query: str) -> list:

@@ -2,14 +2,12 @@
 and, with VLLM_PLUGINS=tucker, serves /v1/memory and the tucker_kv_* gauges; a model that is not
 Tucker gets its own figures (compression 1.0)."""
 
-import os
-import subprocess
 import sys
 
 import httpx
 import pytest
 
-from conftest import free_port, wait_for_http
+from conftest import free_port, server_process
 from helpers import greedy
 from prometheus_client.parser import text_string_to_metric_families
 from tucker_serve.evaluate import load_lm
@@ -21,22 +19,12 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 def server(request, converted, smollm2, tmp_path_factory):
     folder = converted(2.0) if request.param == "tucker" else smollm2.folder
     port = free_port()
-    log = open(tmp_path_factory.mktemp("vllm-api") / "server.log", "w")
-    env = {**os.environ, "VLLM_PLUGINS": "tucker"}
-    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
-         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-         "--max-model-len", "512", "--kv-cache-memory-bytes", str(2**28)],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", proc)
-        yield request.param, folder, f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        log.close()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
+           "--kv-cache-memory-bytes", str(2**28)]
+    log = tmp_path_factory.mktemp("vllm-api") / "server.log"
+    with server_process(cmd, port, log, env={"VLLM_PLUGINS": "tucker", "VLLM_CPU_KVCACHE_SPACE": None}) as running:
+        yield request.param, folder, running["url"]
 
 
 def test_memory_document_and_gauges_describe_the_model(server):

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -47,11 +48,33 @@ def vllm_benchmark(base_url: str, model: str, tokenizer: Path, backend: str = "o
         return json.loads((Path(out) / "result.json").read_text())
 
 
-def start_server(folder, port: int, log_path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tucker_cli", "serve", "--model", str(folder), "--port", str(port),
-           "--kv-cache-gb", str(SERVING_CACHE_GB), "--max-model-len", str(PROMPT_TOKENS + OUTPUT_TOKENS + 8),
-           "--served-model-name", "bench", "--", "--max-num-seqs", str(max(LEVELS))]
-    return subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+def serve_command(model, port: int, *args: str) -> list[str]:
+    """`tucker-serve serve` for `model` on 127.0.0.1:`port`; `args` are serve's options, then vLLM's."""
+    return [sys.executable, "-m", "tucker_cli", "serve", "--model", str(model), "--port", str(port), *args]
+
+
+@contextmanager
+def server_process(cmd: list[str], port: int, log_path, env: dict | None = None, health: str = "/health",
+                   timeout: float = 300, stop_timeout: float = 60):
+    """The one way a server is started here (ours, vLLM's own, Prometheus): `cmd` in a subprocess
+    listening on 127.0.0.1:`port`, its output in `log_path`, yielded once `health` answers 200 as
+    {"port", "url", "proc", "log"}; terminated on exit (killed after `stop_timeout` s). `env` adds to
+    this process's environment; a value of None removes the variable."""
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_for_http(url + health, proc, timeout)
+            yield {"port": port, "url": url, "proc": proc, "log": Path(log_path)}
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=stop_timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            proc.wait(timeout=stop_timeout)
 
 
 def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -103,15 +126,13 @@ def serving_benchmark(source, tucker, opt) -> dict:
            "client": "vllm.benchmarks.serve (random dataset, ignore_eos)", "variants": []}
     for variant in (source, tucker):
         port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        proc = start_server(variant.folder, port, opt.out / f"server-{variant.name.replace(' ', '-')}.log")
-        try:
-            wait_for_http(f"{url}/health", proc, timeout=600)
-            memory = httpx.get(f"{url}/v1/memory", timeout=10).json()
-            levels = [level(url, variant.folder, c) for c in LEVELS]
-        finally:
-            proc.terminate()
-            proc.wait(timeout=120)
+        cmd = serve_command(variant.folder, port, "--kv-cache-gb", str(SERVING_CACHE_GB), "--max-model-len",
+                            str(PROMPT_TOKENS + OUTPUT_TOKENS + 8), "--served-model-name", "bench", "--",
+                            "--max-num-seqs", str(max(LEVELS)))
+        log = opt.out / f"server-{variant.name.replace(' ', '-')}.log"
+        with server_process(cmd, port, log, timeout=600, stop_timeout=120) as server:
+            memory = httpx.get(f"{server['url']}/v1/memory", timeout=10).json()
+            levels = [level(server["url"], variant.folder, c) for c in LEVELS]
         clean = [lv["concurrency"] for lv in levels if lv["preemptions"] == 0 and lv["failed"] == 0]
         out["variants"].append({"variant": variant.name, "capacity_tokens": memory["capacity_tokens"],
                                 "levels": levels, "max_concurrency_without_preemption": max(clean, default=0)})
