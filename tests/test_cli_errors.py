@@ -7,7 +7,6 @@ import sys
 import pytest
 
 
-
 def run_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tucker_cli", *args], capture_output=True, text=True,
                           timeout=600)
@@ -85,3 +84,17 @@ def test_eval_json_last_line_is_one_object(tmp_path, smollm2):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["tokens"] == 4 * 31 and result["windows"] == 4
     assert 1 < result["perplexity"] < 100 and result["tucker"] is False
+
+
+def test_chat_and_long_evaluations_run_one_at_a_time():
+    one_error_line(run_cli("eval", "--chat", "--long"), "--chat and --long")
+
+
+def test_a_base_model_without_a_chat_template_is_refused_by_eval_long(tmp_path, smollm2):
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in smollm2.folder.iterdir():  # the source without its chat template, as a base model comes
+        if f.name != "chat_template.jinja":
+            (base / f.name).symlink_to(f)
+    assert "chat_template" not in json.loads((base / "tokenizer_config.json").read_text())
+    one_error_line(run_cli("eval", "--long", "--model", str(base)), "needs a chat template")

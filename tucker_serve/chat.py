@@ -17,9 +17,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from tucker_serve.checkpoint import ModelError
 from tucker_serve.paths import cache_dir
 from tucker_serve.prompts import INSTRUCTIONS, PASSAGE_TEMPLATES, QUESTIONS
 from tucker_serve.text import load_text
+
+
+def chat_template_or_error(tokenizer, what: str) -> None:
+    """A ModelError naming `what` when the tokenizer has no chat template (most base models)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(f"{what} needs a chat template, and this model's tokenizer has none (a base model?)")
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:

@@ -10,15 +10,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tucker_serve.checkpoint import ModelError
-from tucker_serve.options import flag, invalid, option
+from tucker_serve.long_context import LENGTHS
+from tucker_serve.options import flag, invalid, listing, option
 from tucker_serve.sources import load_hf_model, load_tokenizer, resolve
 from tucker_serve.text import load_text
 
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """`tucker-serve eval`: perplexity here (`evaluate`), or chat fidelity through vLLM (`chat`, in
-    `tucker_eval.chat`)."""
+    """`tucker-serve eval`: perplexity here (`evaluate`), or through vLLM chat fidelity (`chat`, in
+    `tucker_eval.chat`) or long-context quality (`long`, in `tucker_eval.long_context`)."""
 
     text: str = option("wiki", str, "wiki, news or a UTF-8 file")
     tokens: int = option(16384, int, "tokens of the text to score")
@@ -28,7 +29,12 @@ class EvalOptions:
     source: str | None = option(None, str, "the model to compare with (--chat)",
                                 shown="the one recorded at conversion")
     max_tokens: int = option(48, int, "answer length for --chat")
-    kv_cache_dtype: str = option("auto", str, "vLLM cache dtype for --chat (auto, fp8, ...)")
+    long: bool = option(False, flag, "long-context quality through vLLM: a pass key found in real text and in "
+                                     "filler at each of --lengths, and perplexity by position over long windows")
+    lengths: tuple[int, ...] = option(LENGTHS, listing(int), "context lengths in tokens for --long (those beyond "
+                                                             "the model's context are left out)")
+    trials: int = option(8, int, "pass keys per text and length for --long (at evenly spaced depths)")
+    kv_cache_dtype: str = option("auto", str, "vLLM cache dtype for --chat and --long (auto, fp8, ...)")
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ def chat_eval(model_spec: str, source_spec: str | None = None, max_tokens: int =
     model = resolve(model_spec)
     source = source_of(model, source_spec)
     tokenizer = load_tokenizer(source.folder)
+    chat.chat_template_or_error(tokenizer, "eval --chat")
     prompts = chat.eval_prompts()
     prompt_ids = [chat.chat_ids(tokenizer, p) for p in prompts]
     reference = source_answers(source, prompt_ids, max_tokens)

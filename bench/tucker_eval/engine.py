@@ -35,15 +35,19 @@ async def final_output(engine, prompt: list[int], params):
     return out
 
 
-async def served_perplexity(engine, windows: list[list[int]]) -> float:
-    """Perplexity from the engine's prompt log-probs over non-overlapping windows."""
+async def served_token_nll(engine, windows: list[list[int]]) -> list[list[float]]:
+    """Each window's per-token negative log-likelihoods (positions 1 on) from the engine's prompt log-probs."""
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False)
     outs = await asyncio.gather(*(final_output(engine, w, params) for w in windows))
-    nll = -sum(row[token].logprob for out, w in zip(outs, windows)
-               for row, token in zip(out.prompt_logprobs[1:], w[1:]))
-    return math.exp(nll / sum(len(w) - 1 for w in windows))
+    return [[-row[token].logprob for row, token in zip(out.prompt_logprobs[1:], w[1:])] for out, w in zip(outs, windows)]
+
+
+async def served_perplexity(engine, windows: list[list[int]]) -> float:
+    """Perplexity from the engine's prompt log-probs over non-overlapping windows."""
+    nll = await served_token_nll(engine, windows)
+    return math.exp(sum(map(sum, nll)) / sum(map(len, nll)))
 
 
 async def served_answers(engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:

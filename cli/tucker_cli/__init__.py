@@ -89,7 +89,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tucker_serve.evaluate import EvalOptions
 
     opt = options_from(args, EvalOptions)
-    if opt.chat:
+    if opt.chat and opt.long:
+        raise ValueError("--chat and --long are two evaluations: run one at a time")
+    if opt.long:
+        from tucker_eval.long_context import long_context_eval
+
+        result = long_context_eval(args.model, opt.kv_cache_dtype, opt.lengths, opt.trials, progress=not args.json)
+        cells = [f"{hay} {n}: {c['found']}/{c['trials']}" for hay, row in result["retrieval"]["by_haystack"].items()
+                 for n, c in row.items()]
+        buckets = ", ".join(f"{b['from']}-{b['to']}: {b['perplexity']:.2f}"
+                            for b in result["position_perplexity"]["buckets"])
+        summary = (f"{args.model}: pass key found {result['retrieval']['found']}/{result['retrieval']['cases']} "
+                   f"({'; '.join(cells)}); perplexity by position {buckets}")
+    elif opt.chat:
         from tucker_eval.chat import chat_eval
 
         result = chat_eval(args.model, opt.source, opt.max_tokens, opt.kv_cache_dtype, progress=not args.json)
@@ -158,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--quiet", action="store_true", help="no progress bars")
     conv.set_defaults(func=cmd_convert)
 
-    ev = sub.add_parser("eval", help="perplexity on real text, or chat fidelity against the source (--chat)",
+    ev = sub.add_parser("eval", help="perplexity on real text, chat fidelity against the source (--chat) or "
+                                     "long-context quality (--long)",
                         options="tucker_serve.evaluate:EvalOptions")
     ev.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default {DEFAULT_MODEL})")
     ev.add_argument("--out", help="also write the whole result (with every answer) to this JSON file")
