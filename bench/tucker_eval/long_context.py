@@ -6,17 +6,12 @@ builds the prompts and windows, the same for every model)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 from tucker_eval.engine import served_answers, served_token_nll, start_engine
 from tucker_serve import long_context as lc
+from tucker_serve.checkpoint import read_config
 from tucker_serve.sources import load_tokenizer, resolve
-
-
-def max_positions(folder) -> int:
-    config = json.loads((folder / "config.json").read_text())
-    return int(config.get("max_position_embeddings", 2048))
 
 
 async def measure(engine, cases, windows) -> tuple[list, list]:
@@ -32,7 +27,7 @@ def long_context_eval(model_spec: str, kv_cache_dtype: str = "auto", lengths=lc.
     windows of the longest length (less ANSWER_TOKENS); lengths beyond the model's context are left out (listed)."""
     model = resolve(model_spec)
     tokenizer = load_tokenizer(model.folder)
-    limit = max_positions(model.folder)
+    limit = int(read_config(model.folder).get("max_position_embeddings", 2048))
     kept, skipped = [n for n in lengths if n <= limit], [n for n in lengths if n > limit]
     if not kept:
         raise ValueError(f"every length in {list(lengths)} exceeds the model's context of {limit} tokens")
