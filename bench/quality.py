@@ -4,7 +4,7 @@ calibration text and healing, each row measured the same way.
     .venv/bin/python bench/quality.py --out runs/quality --variants 1.5/wiki/-,1.5/wiki+chat/10/0.5
 
 A variant is RATIO/CALIB/HEAL_MINUTES[/CHAT_SHARE[/LOCAL_SHARE]]: convert at RATIO (`full` = full
-rank) calibrated on CALIB (`+`-separated: wiki, news, chat), then heal for HEAL_MINUTES (`-`: not
+rank; `2@measured`: latent widths per layer chosen by measurement, `--layer-widths measured`) calibrated on CALIB (`+`-separated: wiki, news, chat), then heal for HEAL_MINUTES (`-`: not
 healed) with that share of chat windows (default 0.5), the per-layer phase taking at most
 LOCAL_SHARE of the budget (default 0.35; 0 skips it). Every model gets wiki and news perplexity (16,368 tokens each)
 and `tucker-serve eval --chat` (question set correct, teacher-forced agreement and KL, answers equal
@@ -30,7 +30,7 @@ SOURCE = "smollm2-135m"
 
 @dataclass(frozen=True)
 class Variant:
-    ratio: str  # "1.5" or "full"
+    ratio: str  # "1.5", "2@measured" or "full"
     calib: str  # "wiki+chat"
     heal_minutes: float | None
     chat_share: float = 0.5
@@ -80,7 +80,8 @@ def measure(model: str, out: Path, name: str, tokens: int) -> dict:
 
 def build(v: Variant, out: Path) -> tuple[Path, dict]:
     """The variant's folder (converted, then healed), with what making it cost."""
-    kind = dict(full_rank=True) if v.ratio == "full" else dict(kv_ratio=float(v.ratio))
+    ratio, _, widths = v.ratio.partition("@")
+    kind = dict(full_rank=True) if ratio == "full" else dict(kv_ratio=float(ratio), layer_widths=widths or "uniform")
     folder = tucker_model(SOURCE, ConvertOptions(**kind, calib_text=v.calib.replace("+", ",")), root=out / "models",
                           progress=False)
     report = json.loads((folder / "tucker_report.json").read_text())
@@ -110,8 +111,9 @@ def main() -> None:
     for v in [Variant.parse(s) for s in args.variants.split(",")]:
         start = time.time()
         folder, info = build(v, out)
-        ratio = 1.0 if v.ratio == "full" else float(v.ratio)
-        rows.append({"variant": v.name, "ratio": ratio, "calib": v.calib, "heal": v.heal_minutes,
+        ratio, _, widths = v.ratio.partition("@")
+        rows.append({"variant": v.name, "ratio": 1.0 if ratio == "full" else float(ratio),
+                     "widths": widths or "uniform", "calib": v.calib, "heal": v.heal_minutes,
                      "chat_share": v.chat_share if v.heal_minutes else None,
                      "local_share": v.local_share if v.heal_minutes else None, **info,
                      **measure(str(folder), out, v.name, args.tokens)})
@@ -128,7 +130,7 @@ def merged(path: Path, rows: list[dict]) -> list[dict]:
     """Rows of earlier runs into the same --out, updated by this run's; source first, then by ratio."""
     known = {r["variant"]: r for r in (json.loads(path.read_text()) if path.is_file() else [])}
     known.update({r["variant"]: r for r in rows})
-    order = lambda r: (r["variant"] != "source", r["ratio"], r.get("calib") or "", r.get("heal") or 0,  # noqa: E731
+    order = lambda r: (r["variant"] != "source", r["ratio"], r.get("widths", "uniform"), r.get("calib") or "", r.get("heal") or 0,  # noqa: E731
                        r.get("chat_share") or 0, r.get("local_share") or 0)
     return sorted(known.values(), key=order)
 
@@ -142,7 +144,10 @@ def markdown(rows: list[dict]) -> str:
         healing = "-" if not r.get("heal") else (f"{r['heal_minutes']:.1f} min, chat share {r['chat_share']:g}, "
                                                  f"local share {r.get('local_share', 0.35):g}")
         notes = []
-        if "key_rank" in r:
+        if isinstance(r.get("key_rank"), list):
+            notes.append(f"widths per layer by measurement: r3 {min(r['key_rank'])}-{max(r['key_rank'])}, "
+                         f"rt3 {min(r['value_rank'])}-{max(r['value_rank'])}")
+        elif "key_rank" in r:
             notes.append(f"r3={r['key_rank']}, rt3={r['value_rank']}")
         if r.get("heal"):
             notes.append(f"{r['chat_answer_minutes']:.1f} min answers + {r['local_minutes']:.1f} min local "

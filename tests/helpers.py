@@ -137,7 +137,8 @@ RANKS = dict(r1=4, r2=32, r3=12, rt1=3, rt2=48, rt3=20)
 
 def tiny_config(shared_latent: bool = False, block_core: bool = False, ranks: dict | None = None) -> dict:
     ranks = ranks or (dict(RANKS, rt3=RANKS["r3"]) if shared_latent else RANKS)
-    freqs = [(default_inv_freq(ranks["r3"], 500.0) * (1 + 0.1 * i)).tolist() for i in range(LAYERS)]
+    r3 = ranks["r3"] if isinstance(ranks["r3"], list) else [ranks["r3"]] * LAYERS  # per layer or one for all
+    freqs = [(default_inv_freq(r3[i], 500.0) * (1 + 0.1 * i)).tolist() for i in range(LAYERS)]
     return {
         "architectures": [ARCHITECTURE], "model_type": "llama",
         "hidden_size": HIDDEN, "intermediate_size": 128, "num_hidden_layers": LAYERS,

@@ -59,13 +59,16 @@ def test_unknown_dtype_is_rejected():
 
 
 def test_layout_of_a_tucker_config():
-    from helpers import tiny_config
+    from helpers import RANKS, tiny_config
 
     layout = cl.model_layout(tiny_config(), "float32")
     assert (layout.width, layout.source_width, layout.num_layers) == (32, 128, 2)  # r3 + rt3 = 12 + 20
     assert layout.bytes_per_token == 2 * 32 * 4 and layout.compression_ratio == 4.0
     shared = cl.model_layout(tiny_config(shared_latent=True), "bfloat16")
     assert shared.width == 12 and shared.bytes_per_token_per_layer == 24
+    mixed = cl.model_layout(tiny_config(ranks=dict(RANKS, r3=[12, 8], rt3=[20, 4])), "float32")
+    assert mixed.widths == (32, 12) and mixed.width == 22 and mixed.bytes_per_token == 44 * 4
+    assert mixed.compression_ratio == 2 * 128 / 44
 
 
 def test_layout_of_a_source_config_is_its_gqa_or_mla_cache():

@@ -32,17 +32,29 @@ def test_written_config_parses_back_to_its_ranks():
     assert config["architectures"] == [ARCHITECTURE] and config["dtype"] == "bfloat16"
     assert "quantization_config" not in config and "torch_dtype" not in config
     cfg = TuckerModelConfig.from_dict(json.loads(json.dumps(config)))
-    a = cfg.attention
+    assert len(cfg.layers) == 2 and cfg.layers[0] == cfg.layers[1]
+    a = cfg.layers[0]
     assert (a.r1, a.r2, a.r3, a.rt1, a.rt2, a.rt3) == (4, 64, 12, 4, 64, 20)
     assert cfg.block_core and not a.shared_latent and not cfg.qkv_bias
     assert cfg.softmax_scale == 0.25 and cfg.source_kv_width == 64 and cfg.num_layers == 2
+
+
+def test_latent_widths_may_differ_by_layer_and_equal_ones_are_written_as_one_number():
+    config = written(r3=[12, 8], rt3=[20, 20], latent_rope_freqs=[[1.0] * 6, [0.5] * 4])
+    assert config["tucker"]["r3"] == [12, 8] and config["tucker"]["rt3"] == 20
+    cfg = TuckerModelConfig.from_dict(json.loads(json.dumps(config)))
+    assert [(a.r3, a.rt3) for a in cfg.layers] == [(12, 20), (8, 20)]
+    assert written(r3=[12, 12])["tucker"]["r3"] == 12  # uniform checkpoints keep their old form
+    config["tucker"]["r3"] = [12, 8, 4]
+    with pytest.raises(ModelError, match="'tucker.r3' lists 3 ranks for 2 layers"):
+        TuckerModelConfig.from_dict(config)
 
 
 @pytest.mark.parametrize("change,needle", [
     (lambda c: c.update(architectures=["LlamaForCausalLM"]), f"architectures must include {ARCHITECTURE}"),
     (lambda c: c.pop("tucker"), "missing field 'tucker'"),
     (lambda c: c["tucker"].pop("source_kv_width"), "missing field 'tucker.source_kv_width'"),
-    (lambda c: c["tucker"]["latent_rope_freqs"].pop(), "must hold 2 lists of r3/2=6 frequencies"),
+    (lambda c: c["tucker"]["latent_rope_freqs"].pop(), "must hold 2 lists of r3/2 frequencies"),
 ])
 def test_a_broken_config_is_refused_naming_the_field(change, needle):
     config = written()

@@ -97,20 +97,30 @@ def param_bytes(params_per_layer: int, num_layers: int, dtype) -> int:
 
 @dataclass(frozen=True)
 class MemoryLayout:
-    """What one token costs in a model's KV cache, and in its source model's, in one cache dtype."""
+    """What one token costs in a model's KV cache, and in its source model's, in one cache dtype.
+    A Tucker model may cache a different latent width in each layer (`widths`)."""
 
-    num_layers: int
-    width: int  # numbers cached per token per layer
-    source_width: int
+    widths: tuple[int, ...]  # numbers cached per token, layer by layer
+    source_width: int  # per layer
     dtype: str  # the cache's element type
 
     @property
-    def bytes_per_token_per_layer(self) -> int:
+    def num_layers(self) -> int:
+        return len(self.widths)
+
+    @property
+    def width(self) -> float:
+        """Numbers cached per token per layer, averaged over layers (an int when all are equal)."""
+        total = sum(self.widths)
+        return total // self.num_layers if total % self.num_layers == 0 else total / self.num_layers
+
+    @property
+    def bytes_per_token_per_layer(self) -> float:
         return self.width * dtype_bytes(self.dtype)
 
     @property
     def bytes_per_token(self) -> int:
-        return kv_bytes_per_token(self.width, self.num_layers, self.dtype)
+        return sum(self.widths) * dtype_bytes(self.dtype)
 
     @property
     def source_bytes_per_token(self) -> int:
@@ -118,7 +128,7 @@ class MemoryLayout:
 
     @property
     def compression_ratio(self) -> float:
-        return compression_ratio(self.source_width, self.width)
+        return self.source_width * self.num_layers / sum(self.widths)
 
 
 def model_layout(config: dict, dtype) -> MemoryLayout:
@@ -126,12 +136,12 @@ def model_layout(config: dict, dtype) -> MemoryLayout:
     layers = config["num_hidden_layers"]
     if config.get("tucker"):
         t = TuckerModelConfig.from_dict(config)
-        width = tucker_kv_width(t.attention.r3, t.attention.rt3, t.attention.shared_latent)
-        return MemoryLayout(layers, width, t.source_kv_width, str(dtype))
+        widths = tuple(tucker_kv_width(a.r3, a.rt3, a.shared_latent) for a in t.layers)
+        return MemoryLayout(widths, t.source_kv_width, str(dtype))
     if config.get("kv_lora_rank"):
         width = mla_kv_width(config["kv_lora_rank"], config.get("qk_rope_head_dim", 0))
     else:
         heads = config["num_attention_heads"]
         head_dim = config.get("head_dim") or config["hidden_size"] // heads
         width = gqa_kv_width(config.get("num_key_value_heads") or heads, head_dim)
-    return MemoryLayout(layers, width, width, str(dtype))
+    return MemoryLayout((width,) * layers, width, str(dtype))

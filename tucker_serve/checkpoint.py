@@ -54,7 +54,7 @@ class TuckerModelConfig:
     num_layers: int
     rms_norm_eps: float
     tie_word_embeddings: bool
-    attention: TuckerConfig
+    layers: tuple[TuckerConfig, ...]  # attention shape of each layer (latent widths may differ)
     block_core: bool
     qkv_bias: bool
     softmax_scale: float
@@ -71,31 +71,50 @@ class TuckerModelConfig:
         for key in TUCKER_FIELDS:
             if key not in t:
                 raise ModelError(f"{where}: missing field 'tucker.{key}'")
-        attention = TuckerConfig(
-            hidden_size=cfg["hidden_size"], num_heads=cfg["num_attention_heads"],
-            r1=t["r1"], r2=t["r2"], r3=t["r3"], rt1=t["rt1"], rt2=t["rt2"], rt3=t["rt3"],
-            rope=True, shared_latent=t.get("shared_latent", False),
+        layers = cfg["num_hidden_layers"]
+        r3, rt3 = (per_layer(t, name, layers, where) for name in ("r3", "rt3"))
+        attention = tuple(
+            TuckerConfig(hidden_size=cfg["hidden_size"], num_heads=cfg["num_attention_heads"],
+                         r1=t["r1"], r2=t["r2"], r3=r3[i], rt1=t["rt1"], rt2=t["rt2"], rt3=rt3[i],
+                         rope=True, shared_latent=t.get("shared_latent", False))
+            for i in range(layers)
         )
         freqs = t["latent_rope_freqs"]
-        layers = cfg["num_hidden_layers"]
-        if len(freqs) != layers or any(len(f) != attention.r3 // 2 for f in freqs):
+        if len(freqs) != layers or any(len(f) != a.r3 // 2 for f, a in zip(freqs, attention)):
             raise ModelError(
-                f"{where}: field 'tucker.latent_rope_freqs' must hold {layers} lists of r3/2="
-                f"{attention.r3 // 2} frequencies"
+                f"{where}: field 'tucker.latent_rope_freqs' must hold {layers} lists of r3/2 frequencies "
+                f"(r3 of each layer: {list(r3)})"
             )
         return cls(
             vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"], num_layers=layers,
             rms_norm_eps=cfg["rms_norm_eps"], tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention=attention, block_core=t.get("block_core", False), qkv_bias=t.get("qkv_bias", False),
+            layers=attention, block_core=t.get("block_core", False), qkv_bias=t.get("qkv_bias", False),
             softmax_scale=t["softmax_scale"], latent_rope_freqs=tuple(tuple(f) for f in freqs),
             source_kv_width=t["source_kv_width"],
         )
 
 
-def converted_config(source: dict, *, heads: int, head_dim: int, r3: int, rt3: int, qkv_bias: bool,
+def per_layer(block: dict, name: str, layers: int, where) -> tuple[int, ...]:
+    """A rank of the `tucker` block: one number for every layer, or a list with one per layer."""
+    value = block[name]
+    if isinstance(value, list):
+        if len(value) != layers:
+            raise ModelError(f"{where}: field 'tucker.{name}' lists {len(value)} ranks for {layers} layers")
+        return tuple(value)
+    return (value,) * layers
+
+
+def _one_or_list(ranks) -> int | list[int]:
+    ranks = [ranks] if isinstance(ranks, int) else list(ranks)
+    return ranks[0] if len(set(ranks)) == 1 else ranks
+
+
+def converted_config(source: dict, *, heads: int, head_dim: int, r3, rt3, qkv_bias: bool,
                      source_kv_width: int, latent_rope_freqs: list, dtype: str) -> dict:
-    """config.json of a conversion of `source` (block cores: per-head slices of the source's Wq, Wo)."""
+    """config.json of a conversion of `source` (block cores: per-head slices of the source's Wq, Wo).
+    r3 and rt3 are one number or a list with one per layer; a rank equal in every layer is written as one number."""
+    r3, rt3 = _one_or_list(r3), _one_or_list(rt3)
     out = {k: v for k, v in source.items() if k not in ("quantization_config", "auto_map", "torch_dtype")}
     out["architectures"] = [ARCHITECTURE]
     out["dtype"] = dtype

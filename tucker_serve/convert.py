@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from tucker_serve import cache_layout as cl
+from tucker_serve.allocate import allocate, measure
 from tucker_serve.calibrate import AttentionShape, LayerStats, collect
 from tucker_serve.chat import source_chats
 from tucker_serve.rope import basis_freqs, complex_basis_map
@@ -42,6 +43,11 @@ class ConvertOptions:
     key_metric: str = option("attention", str, "key importance (see key_bases): attention-centred and "
                                                "query-weighted, query-weighted, or raw",
                              choices=("attention", "query", "plain"))
+    layer_widths: str = option("uniform", str, "latent widths with --kv-ratio: the same in every layer, or each "
+                                               "layer's chosen by the measured cost of truncating it",
+                               choices=("uniform", "measured"))
+    measure_window: int = 1024  # tokens per window of the per-layer measurement (layer_widths=measured)
+    measure_windows: int = 2
     value_stat: str = option("values", str, "value directions from the values' Gram matrix or the attention "
                                             "outputs'", choices=("values", "outputs"))
 
@@ -91,15 +97,7 @@ def key_bases(st: LayerStats, s: AttentionShape, r3: int, metric: str):
     measures keys by their spread under each query's attention, since softmax ignores errors shared
     by all keys of a query.
     """
-    cov = (st.key_attn_cov if metric == "attention" else st.key_cov) / st.tokens  # (D/2, G, G)
-    if metric in ("query", "attention"):
-        rep = s.heads // s.groups
-        qe = (st.query_energy / st.tokens).unflatten(0, (s.groups, rep)).sum(1).T  # (D/2, G)
-        w = (qe + 1e-6 * qe.mean()).sqrt().to(cov.dtype)
-    else:
-        w = torch.ones(cov.shape[:2], dtype=cov.dtype)
-    lam, vec = torch.linalg.eigh(w[:, :, None] * cov * w[:, None, :])  # ascending per frequency
-    lam, vec = lam.flip(-1).clamp_min(0), vec.flip(-1)
+    cov, w, lam, vec = _key_eigen(st, s, metric)
     keep = torch.zeros_like(lam, dtype=torch.bool).flatten()
     keep[lam.flatten().argsort(descending=True)[: r3 // 2]] = True
     counts = keep.view(lam.shape).sum(1)
@@ -109,6 +107,20 @@ def key_bases(st: LayerStats, s: AttentionShape, r3: int, metric: str):
         enc.append(p)
         dec.append(_ls_decoder(cov[k], p))
     return enc, dec, (lam.flatten()[keep].sum() / lam.sum()).item()
+
+
+def _key_eigen(st: LayerStats, s: AttentionShape, metric: str):
+    """Key covariance per frequency (D/2, G, G), the metric weights, and the weighted covariance's
+    eigenvalues and vectors, descending per frequency."""
+    cov = (st.key_attn_cov if metric == "attention" else st.key_cov) / st.tokens  # (D/2, G, G)
+    if metric in ("query", "attention"):
+        rep = s.heads // s.groups
+        qe = (st.query_energy / st.tokens).unflatten(0, (s.groups, rep)).sum(1).T  # (D/2, G)
+        w = (qe + 1e-6 * qe.mean()).sqrt().to(cov.dtype)
+    else:
+        w = torch.ones(cov.shape[:2], dtype=cov.dtype)
+    lam, vec = torch.linalg.eigh(w[:, :, None] * cov * w[:, None, :])  # ascending per frequency
+    return cov, w, lam.flip(-1).clamp_min(0), vec.flip(-1)
 
 
 def _ls_decoder(cov: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -126,12 +138,7 @@ def _ls_decoder(cov: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 def value_maps(st: LayerStats, s: AttentionShape, o_weight: torch.Tensor, rt3: int, stat: str):
     """Value encoder (G*D, rt3), per-head output maps (H, D, rt3), retained (metric) energy."""
     D, G, H, rep = s.head_dim, s.groups, s.heads, s.heads // s.groups
-    wo = o_weight.double().T.unflatten(0, (H, D))  # (H, D, d): head h's rows of Wo
-    metric = torch.einsum("hid,hjd->hij", wo, wo).unflatten(0, (G, rep)).sum(1)  # (G, D, D)
-    root = torch.block_diag(*[_sqrtm(m) for m in metric])  # (G*D, G*D)
-    gram = st.value_gram if stat == "values" else st.out_gram.mean(0)
-    lam, vec = torch.linalg.eigh(root @ (gram / st.tokens) @ root)
-    lam, vec = lam.flip(0).clamp_min(0), vec.flip(1)
+    root, lam, vec = _value_eigen(st, s, o_weight, stat)
     enc = root @ vec[:, :rt3]  # latent value = v @ enc
     decoders = []
     for h in range(H):
@@ -144,6 +151,18 @@ def value_maps(st: LayerStats, s: AttentionShape, o_weight: torch.Tensor, rt3: i
         decoders.append(torch.linalg.solve(g_h + ridge, enc.T @ st.out_gram[h][:, block]))
     o_core = torch.stack(decoders).transpose(1, 2)  # (H, D, rt3)
     return enc, o_core, (lam[:rt3].sum() / lam.sum()).item()
+
+
+def _value_eigen(st: LayerStats, s: AttentionShape, o_weight: torch.Tensor, stat: str):
+    """The output projection's metric root (G*D, G*D) and the metric-weighted value statistic's
+    eigenvalues and vectors, descending."""
+    D, G, H, rep = s.head_dim, s.groups, s.heads, s.heads // s.groups
+    wo = o_weight.double().T.unflatten(0, (H, D))  # (H, D, d): head h's rows of Wo
+    metric = torch.einsum("hid,hjd->hij", wo, wo).unflatten(0, (G, rep)).sum(1)  # (G, D, D)
+    root = torch.block_diag(*[_sqrtm(m) for m in metric])  # (G*D, G*D)
+    gram = st.value_gram if stat == "values" else st.out_gram.mean(0)
+    lam, vec = torch.linalg.eigh(root @ (gram / st.tokens) @ root)
+    return root, lam.flip(0).clamp_min(0), vec.flip(1)
 
 
 def _sqrtm(m: torch.Tensor) -> torch.Tensor:
@@ -216,36 +235,67 @@ def convert(model_spec: str, out_dir, opt: ConvertOptions, progress: bool = True
     state = {k: v for k, v in model.state_dict().items() if ".self_attn." not in k}
     if cfg.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
-    freqs, rows = [], []
     layers = model.model.layers
+    widths, costs = layer_widths(model, ids, stats, s, (r3, rt3), opt, progress)
+    freqs, rows = [], []
     for i, layer in enumerate(tqdm(layers, desc="converting", unit="layer", disable=not progress)):
-        tensors, f, row = convert_layer(layer.self_attn, stats[i], s, r3, rt3, opt)
+        tensors, f, row = convert_layer(layer.self_attn, stats[i], s, *widths[i], opt)
+        row = {"key_rank": widths[i][0], "value_rank": widths[i][1], **row, **(costs[i].row() if costs else {})}
         state.update({f"model.layers.{i}.self_attn.{k}": v for k, v in tensors.items()})
         freqs.append(f.tolist())
         rows.append(row)
     state = {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
-    report = build_report(model_spec, cfg, s, r3, rt3, opt, ids.numel(), rows, time.time() - start)
-    config = converted_config(cfg, heads=s.heads, head_dim=s.head_dim, r3=r3, rt3=rt3,
+    r3s, rt3s = [w[0] for w in widths], [w[1] for w in widths]
+    report = build_report(model_spec, cfg, s, r3s, rt3s, opt, ids.numel(), rows, time.time() - start)
+    config = converted_config(cfg, heads=s.heads, head_dim=s.head_dim, r3=r3s, rt3=rt3s,
                               qkv_bias=s.family.has_qkv_bias(cfg),
                               source_kv_width=s.kv_width, latent_rope_freqs=freqs, dtype=opt.dtype)
     write_folder(out_dir, config, state, report, tokenizer_from=source.folder)
     return report
 
 
-def build_report(spec, cfg, s, r3, rt3, opt, tokens, rows, seconds) -> dict:
-    layers = cfg["num_hidden_layers"]
-    width = cl.tucker_kv_width(r3, rt3)
+def layer_widths(model, ids: torch.Tensor, stats: list[LayerStats], s: AttentionShape, uniform: tuple[int, int],
+                 opt: ConvertOptions, progress: bool):
+    """(r3, rt3) of every layer, and the measured costs when they were chosen by measurement."""
+    layers = model.model.layers
+    if opt.layer_widths == "uniform":
+        return [uniform] * len(layers), None
+    if opt.kv_ratio is None:
+        raise ModelError(f"{cite('layer_widths')}=measured shares out the budget of {cite('kv_ratio')}: give it")
+    need = opt.measure_window * opt.measure_windows
+    if ids.numel() < need:
+        raise ModelError(f"measuring layers needs {need} calibration tokens; {cite('calib_tokens')} gives "
+                         f"{ids.numel()}")
+    step = (ids.numel() - opt.measure_window) // max(opt.measure_windows - 1, 1)  # spread over every text
+    windows = torch.stack([ids[k * step: k * step + opt.measure_window] for k in range(opt.measure_windows)])
+    def tensors(i, r3, rt3):
+        out, freqs, _ = convert_layer(layers[i].self_attn, stats[i], s, r3, rt3, opt)
+        return out, freqs
+
+    full = s.groups * s.head_dim
+    costs = measure(model, windows, tensors, uniform, full, progress)
+    return allocate(costs, len(layers) * sum(uniform), full), costs
+
+
+def build_report(spec, cfg, s, r3s, rt3s, opt, tokens, rows, seconds) -> dict:
+    width = sum(cl.tucker_kv_width(a, b) for a, b in zip(r3s, rt3s))  # all layers
+    one = lambda ranks: ranks[0] if len(set(ranks)) == 1 else ranks  # noqa: E731
     return {
         "source": spec,
-        "key_rank": r3, "value_rank": rt3,
+        "key_rank": one(r3s), "value_rank": one(rt3s),
         "bytes_per_token_per_layer": {"source": s.kv_width * cl.dtype_bytes(opt.dtype),
-                                      "converted": width * cl.dtype_bytes(opt.dtype)},
-        "bytes_per_token": {"source": cl.kv_bytes_per_token(s.kv_width, layers, opt.dtype),
-                            "converted": cl.kv_bytes_per_token(width, layers, opt.dtype)},
-        "compression_ratio": round(cl.compression_ratio(s.kv_width, width), 6),
+                                      "converted": _exact(width * cl.dtype_bytes(opt.dtype) / len(r3s))},
+        "bytes_per_token": {"source": cl.kv_bytes_per_token(s.kv_width, len(r3s), opt.dtype),
+                            "converted": cl.kv_bytes_per_token(width, 1, opt.dtype)},
+        "compression_ratio": round(cl.compression_ratio(s.kv_width * len(r3s), width), 6),
         "dtype": opt.dtype,
         "calibration": {"text": opt.calib_text, "tokens": tokens, "window": opt.calib_window,
-                        "key_metric": opt.key_metric, "value_stat": opt.value_stat},
+                        "key_metric": opt.key_metric, "value_stat": opt.value_stat,
+                        "layer_widths": opt.layer_widths},
         "seconds": round(seconds, 1),
         "layers": rows,
     }
+
+
+def _exact(x: float) -> int | float:
+    return int(x) if x == int(x) else round(x, 3)

@@ -37,7 +37,7 @@ class Block(nn.Module):
         freqs = torch.tensor(cfg.latent_rope_freqs[layer], dtype=torch.float64)
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.self_attn = TuckerAttention(
-            cfg.attention, freqs, cfg.softmax_scale, cfg.block_core, bias=cfg.qkv_bias, dtype=dtype,
+            cfg.layers[layer], freqs, cfg.softmax_scale, cfg.block_core, bias=cfg.qkv_bias, dtype=dtype,
             cache_dtype=cache_dtype,
         )
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)

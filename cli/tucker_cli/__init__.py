@@ -77,7 +77,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     report = convert(args.model, args.out, options_from(args, ConvertOptions), progress=not args.quiet)
     bytes_ = report["bytes_per_token"]
-    print(f"wrote {args.out}: key rank {report['key_rank']}, value rank {report['value_rank']}, "
+    ranks = lambda r: f"{min(r)}-{max(r)} by layer" if isinstance(r, list) else r  # noqa: E731
+    print(f"wrote {args.out}: key rank {ranks(report['key_rank'])}, value rank {ranks(report['value_rank'])}, "
           f"{bytes_['converted']:,} B/token vs {bytes_['source']:,} (x{report['compression_ratio']:.2f}) "
           f"in {report['seconds']:.0f} s")
     return 0

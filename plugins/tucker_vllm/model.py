@@ -60,9 +60,9 @@ def head_shards(num_heads: int) -> tuple[int, int]:
 class Factors(nn.Module):
     """The checkpoint's Tucker factors of one layer, held only until `fold` packs them."""
 
-    def __init__(self, cfg: TuckerModelConfig) -> None:
+    def __init__(self, cfg: TuckerModelConfig, layer: int) -> None:
         super().__init__()
-        c, block = cfg.attention, cfg.block_core
+        c, block = cfg.layers[layer], cfg.block_core
         q_in = c.r2 // c.num_heads if block else c.r2
         o_out = c.rt2 // c.num_heads if block else c.rt2
         param = lambda *shape: nn.Parameter(torch.empty(*shape), requires_grad=False)
@@ -124,10 +124,10 @@ class TuckerLlamaAttention(nn.Module):
     def __init__(self, cfg: TuckerModelConfig, layer: int, max_positions: int, cache_config, quant_config,
                  prefix: str) -> None:
         super().__init__()
-        c = cfg.attention
+        c = cfg.layers[layer]  # latent widths may differ from layer to layer
         self.heads, _ = head_shards(c.num_heads)
         self.block_core, self.r3, self.rt3, self.shared = cfg.block_core, c.r3, c.rt3, c.shared_latent
-        self.factors = Factors(cfg)
+        self.factors = Factors(cfg, layer)
         # With one KV head and tp > 1, vLLM replicates the latent key/value on every rank (as for MLA).
         self.qkv_proj = QKVParallelLinear(c.hidden_size, c.r3, c.num_heads, 1, bias=cfg.qkv_bias,
                                           v_head_size=c.rt3, prefix=f"{prefix}.qkv_proj")

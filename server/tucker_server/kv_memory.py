@@ -51,7 +51,8 @@ class EngineMemory:
             "cache_dtype": lay.dtype,
             "bytes_per_element": cl.dtype_bytes(lay.dtype),
             "num_layers": lay.num_layers,
-            "kv_width_per_token_per_layer": lay.width,
+            "kv_width_per_token_per_layer": lay.width,  # the mean over layers
+            "kv_widths_per_layer": list(lay.widths),
             "bytes_per_token_per_layer": lay.bytes_per_token_per_layer,
             "bytes_per_token": lay.bytes_per_token,
             "source_bytes_per_token": lay.source_bytes_per_token,

@@ -1,0 +1,149 @@
+"""Latent widths per layer, chosen by what truncating each layer costs the model (docs/design.md s2).
+
+Layers differ by an order of magnitude in how much a narrower latent costs them, and keys and
+values differ again; the energy a truncation keeps does not show it. So conversion measures:
+for every layer, its keys alone and then its values alone are truncated to a few widths around
+the uniform one while every other layer stays exact, the source model runs on from that layer,
+and the KL divergence of its next-token distributions from the source's is the cost of that
+width (zero at full rank). Between measured widths the cost is interpolated linearly, on the
+lower convex hull of the points. Assuming costs add over layers, the widths with the least total
+cost under the byte budget are then found greedily: on convex curves the next number of the
+budget always goes where it removes the most cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from tucker_serve.attention import TuckerAttention
+from tucker_serve.calibrate import AttentionShape, LayerStats
+from tucker_serve.config import TuckerConfig
+
+
+FRACTIONS = (0.5, 1.0, 1.5)  # measured widths, as fractions of the uniform widths
+SCORED = 4  # the KL is taken at every fourth position
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """One layer's measured costs: {width: KL in nats per token} for its keys and for its values,
+    each with every other latent of the model at full rank."""
+
+    key: dict[int, float]
+    value: dict[int, float]
+
+    def row(self) -> dict:
+        return {"key_kl": {w: round(v, 6) for w, v in self.key.items()},
+                "value_kl": {w: round(v, 6) for w, v in self.value.items()}}
+
+
+def measured_widths(uniform: int, full: int, step: int) -> list[int]:
+    """The widths measured around `uniform`, multiples of `step`, below full rank."""
+    widths = {min(full, step * max(1, round(f * uniform / step))) for f in FRACTIONS}
+    return sorted(w for w in widths if w < full)
+
+
+class TuckerLayer(torch.nn.Module):
+    """Stands in for a transformers attention module: the Tucker attention of given tensors."""
+
+    def __init__(self, attention: TuckerAttention) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.attention(hidden_states), None
+
+
+def tucker_module(tensors: dict, s: AttentionShape, r3: int, rt3: int, freqs: torch.Tensor) -> TuckerAttention:
+    """The reference Tucker attention holding one converted layer's tensors (float32)."""
+    config = TuckerConfig(s.hidden, s.heads, s.heads, s.heads * s.head_dim, r3, s.heads, s.heads * s.head_dim, rt3)
+    module = TuckerAttention(config, freqs, s.head_dim**-0.5, block_core=True, bias="q_shared.bias" in tensors)
+    module.load_state_dict({k: v.float() for k, v in tensors.items()})
+    return module.eval()
+
+
+@torch.no_grad()
+def measure(model, windows: torch.Tensor, layer_tensors, uniform: tuple[int, int], full: int,
+            progress: bool = True) -> list[LayerCosts]:
+    """Costs of every layer of a transformers Llama-family `model` on `windows` (B, T).
+
+    `layer_tensors(i, r3, rt3)` returns layer i's converted tensors and latent frequencies at those widths.
+    """
+    s = AttentionShape.from_config(model.config.to_dict())
+    body, layers = model.model, model.model.layers
+    inputs = []
+    grab = lambda module, args, kwargs: inputs.append(args[0] if args else kwargs["hidden_states"])  # noqa: E731
+    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
+    try:
+        hidden = model.model(windows).last_hidden_state
+    finally:
+        for h in handles:
+            h.remove()
+    # KL at every SCORED-th position: the LM head over all of them would cost as much as 7 layers.
+    reference = model.lm_head(hidden[:, ::SCORED]).log_softmax(-1)
+    positions = torch.arange(windows.shape[1])[None].expand(windows.shape[0], -1)
+    rotary = body.rotary_emb(inputs[0], positions)
+
+    def kl_with(i: int, r3: int, rt3: int) -> float:
+        """KL of the source model from the one whose layer i alone is Tucker at (r3, rt3)."""
+        tensors, freqs = layer_tensors(i, r3, rt3)
+        original = layers[i].self_attn
+        layers[i].self_attn = TuckerLayer(tucker_module(tensors, s, r3, rt3, freqs))
+        try:
+            x = inputs[i]
+            for layer in layers[i:]:
+                x = layer(x, position_embeddings=rotary, position_ids=positions)
+        finally:
+            layers[i].self_attn = original
+        logp = model.lm_head(body.norm(x)[:, ::SCORED]).log_softmax(-1)
+        return max((reference.exp() * (reference - logp)).sum(-1).mean().item(), 0.0)
+
+    keys, values = measured_widths(uniform[0], full, 2), measured_widths(uniform[1], full, 1)
+    return [LayerCosts({w: kl_with(i, w, full) for w in keys}, {w: kl_with(i, full, w) for w in values})
+            for i in tqdm(range(len(layers)), desc="measuring layers", unit="layer", disable=not progress)]
+
+
+def convex_steps(costs: dict[int, float], full: int, step: int) -> list[tuple[float, int]]:
+    """(cost removed per number, numbers) of each step of `step` numbers from the narrowest measured
+    width up to full rank, on the lower convex hull of the measured points and (full, 0)."""
+    points = sorted({**costs, full: 0.0}.items())
+    hull: list[tuple[int, float]] = []
+    for p in points:  # monotone chain: keep the turns that make the slope rise
+        while len(hull) >= 2 and _cross(hull[-2], hull[-1], p) <= 0:
+            hull.pop()
+        hull.append(p)
+    steps = []
+    for (w0, c0), (w1, c1) in zip(hull, hull[1:]):
+        gain = max(c0 - c1, 0.0) / (w1 - w0)  # per number
+        steps += [(gain, step)] * ((w1 - w0) // step)
+    return steps
+
+
+def _cross(o, a, b) -> float:
+    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+
+def allocate(costs: list[LayerCosts], budget: int, full: int) -> list[tuple[int, int]]:
+    """Per-layer (r3, rt3) whose widths sum to at most `budget`, least total interpolated cost.
+
+    Every layer starts at its narrowest measured widths (no extrapolation below what was measured);
+    the rest of the budget goes, a step at a time, where a step removes the most cost per number.
+    """
+    widths = [[min(c.key), min(c.value)] for c in costs]
+    used = sum(a + b for a, b in widths)
+    if used > budget:
+        raise ValueError(f"a budget of {budget} numbers per token cannot give every layer its narrowest "
+                         "measured widths")
+    steps = []  # (gain per number, layer, kind, numbers); each layer's gains descend (convex curves)
+    for i, c in enumerate(costs):
+        for kind, curve, step in ((0, c.key, 2), (1, c.value, 1)):
+            steps += [(gain, i, kind, n) for gain, n in convex_steps(curve, full, step)]
+    steps.sort(key=lambda t: -t[0])
+    for _, i, kind, n in steps:
+        if used + n <= budget:
+            widths[i][kind] += n
+            used += n
+    return [(a, b) for a, b in widths]
