@@ -4,7 +4,8 @@ calibration text and healing, each row measured the same way.
     .venv/bin/python bench/quality.py --out runs/quality --variants 1.5/wiki/-,1.5/wiki+chat/10/0.5
 
 A variant is RATIO/CALIB/HEAL_MINUTES[/CHAT_SHARE[/LOCAL_SHARE]]: convert at RATIO (`full` = full
-rank; `2@measured`: latent widths per layer chosen by measurement, `--layer-widths measured`) calibrated on CALIB (`+`-separated: wiki, news, chat), then heal for HEAL_MINUTES (`-`: not
+rank; `2@measured`: latent widths per layer chosen by measurement, `--layer-widths measured`)
+calibrated on CALIB (`+`-separated: wiki, news, chat), then heal for HEAL_MINUTES (`-`: not
 healed) with that share of chat windows (default 0.5), the per-layer phase taking at most
 LOCAL_SHARE of the budget (default 0.35; 0 skips it). Every model gets wiki and news perplexity (16,368 tokens each)
 and `tucker-serve eval --chat` (question set correct, teacher-forced agreement and KL, answers equal
@@ -130,15 +131,16 @@ def merged(path: Path, rows: list[dict]) -> list[dict]:
     """Rows of earlier runs into the same --out, updated by this run's; source first, then by ratio."""
     known = {r["variant"]: r for r in (json.loads(path.read_text()) if path.is_file() else [])}
     known.update({r["variant"]: r for r in rows})
-    order = lambda r: (r["variant"] != "source", r["ratio"], r.get("widths", "uniform"), r.get("calib") or "", r.get("heal") or 0,  # noqa: E731
+    order = lambda r: (r["variant"] != "source", r["ratio"], r.get("widths", "uniform"),  # noqa: E731
+                       r.get("calib") or "", r.get("heal") or 0,
                        r.get("chat_share") or 0, r.get("local_share") or 0)
     return sorted(known.values(), key=order)
 
 
 def markdown(rows: list[dict]) -> str:
     src = rows[0]
-    lines = ["| KV ratio | calibration | healing | wiki ppl | vs source | news ppl | vs source | questions correct "
-             "| top-1 agreement | KL | same answer | notes |", "| --- " * 12 + "|"]
+    lines = ["| KV ratio | widths | calibration | healing | wiki ppl | vs source | news ppl | vs source "
+             "| questions correct | top-1 agreement | KL | same answer | notes |", "| --- " * 13 + "|"]
     for r in rows:
         c = r["chat"]
         healing = "-" if not r.get("heal") else (f"{r['heal_minutes']:.1f} min, chat share {r['chat_share']:g}, "
@@ -152,8 +154,9 @@ def markdown(rows: list[dict]) -> str:
         if r.get("heal"):
             notes.append(f"{r['chat_answer_minutes']:.1f} min answers + {r['local_minutes']:.1f} min local "
                          f"+ {r['kl_steps']} KL steps")
+        widths = "-" if r["variant"] == "source" else r.get("widths", "uniform")
         lines.append(
-            f"| {r['ratio']:g}x | {r.get('calib', '-')} | {healing} | {r['wiki']:.2f} "
+            f"| {r['ratio']:g}x | {widths} | {r.get('calib', '-')} | {healing} | {r['wiki']:.2f} "
             f"| {100 * (r['wiki'] / src['wiki'] - 1):+.1f}% | {r['news']:.2f} | {100 * (r['news'] / src['news'] - 1):+.1f}% "
             f"| {c['correct']}/{c['questions']} | {c['agreement']:.3f} | {c['kl']:.3f} | {c['same_answer_as_source']:.0%} "
             f"| {'; '.join(notes)} |")

@@ -4,7 +4,7 @@ byte budget, and on the real SmolLM2 that measured widths beat uniform ones at t
 import pytest
 import torch
 
-from tucker_serve.allocate import LayerCosts, allocate, convex_steps, measured_widths
+from tucker_serve.allocate import LayerCosts, allocate, allocate_equal, convex_steps, cost_at, measured_widths
 
 
 def test_measured_widths_lie_around_the_uniform_width_below_full_rank():
@@ -33,6 +33,19 @@ def test_the_budget_goes_to_the_layers_whose_truncation_costs_most():
     assert all(a >= 4 and b >= 4 and a % 2 == 0 for a, b in widths)
     with pytest.raises(ValueError, match="cannot give every layer its narrowest"):
         allocate([cheap, dear, cheap], budget=20, full=16)
+
+
+def test_equal_widths_are_head_sizes_and_the_least_cost_choice_under_the_budget():
+    curve = {48: 1.0, 96: 0.4, 144: 0.1}
+    assert cost_at(curve, 192, 48) == 1.0
+    assert cost_at(curve, 192, 72) == pytest.approx(0.7) and cost_at(curve, 192, 192) == 0.0
+    cheap = LayerCosts({48: 0.01, 96: 0.005, 144: 0.001}, {48: 0.01, 96: 0.005, 144: 0.001})
+    dear = LayerCosts({48: 1.0, 96: 0.4, 144: 0.1}, {48: 1.0, 96: 0.4, 144: 0.1})
+    widths = allocate_equal([cheap, dear], budget=2 * 192, full=192)
+    assert all(a == b for a, b in widths) and sum(2 * a for a, _ in widths) <= 384
+    assert widths == [(64, 64), (128, 128)]  # the dear layer wider; 48 and 32 are not offered (below measured)
+    with pytest.raises(ValueError, match="cannot give every layer a head size"):
+        allocate_equal([cheap, dear], budget=200, full=192)
 
 
 @pytest.mark.slow

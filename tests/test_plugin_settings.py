@@ -43,3 +43,12 @@ def test_forcing_tucker_puts_equal_width_latents_on_the_tucker_backend(monkeypat
         assert latent_backend(64, 32, False, "auto") is Tucker and latent_backend(64, 64, True, "auto") is Shared
         monkeypatch.setenv("TUCKER_ATTENTION", "tucker")
         assert latent_backend(64, 64, False, "auto") is Tucker
+
+
+@pytest.mark.vllm
+def test_the_equal_width_allocation_offers_the_head_sizes_vllms_cpu_kernel_takes():
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from tucker_serve.allocate import VLLM_CPU_HEAD_SIZES
+
+    assert sorted(VLLM_CPU_HEAD_SIZES) == sorted(CPUAttentionBackend.get_supported_head_sizes())

@@ -23,6 +23,9 @@ from tucker_serve.calibrate import AttentionShape, LayerStats
 from tucker_serve.config import TuckerConfig
 
 
+# Head sizes vLLM's CPU attention kernel takes (vLLM 0.32; tests/test_plugin_settings.py checks them).
+# A layer whose key and value widths are equal and one of these is plain MQA that kernel serves.
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 FRACTIONS = (0.5, 1.0, 1.5)  # measured widths, as fractions of the uniform widths
 SCORED = 4  # the KL is taken at every fourth position
 
@@ -109,17 +112,22 @@ def measure(model, windows: torch.Tensor, layer_tensors, uniform: tuple[int, int
 def convex_steps(costs: dict[int, float], full: int, step: int) -> list[tuple[float, int]]:
     """(cost removed per number, numbers) of each step of `step` numbers from the narrowest measured
     width up to full rank, on the lower convex hull of the measured points and (full, 0)."""
-    points = sorted({**costs, full: 0.0}.items())
-    hull: list[tuple[int, float]] = []
-    for p in points:  # monotone chain: keep the turns that make the slope rise
-        while len(hull) >= 2 and _cross(hull[-2], hull[-1], p) <= 0:
-            hull.pop()
-        hull.append(p)
+    hull = _hull(costs, full)
     steps = []
     for (w0, c0), (w1, c1) in zip(hull, hull[1:]):
         gain = max(c0 - c1, 0.0) / (w1 - w0)  # per number
         steps += [(gain, step)] * ((w1 - w0) // step)
     return steps
+
+
+def _hull(costs: dict[int, float], full: int) -> list[tuple[int, float]]:
+    """The lower convex hull of the measured (width, cost) points and (full, 0), by width."""
+    hull: list[tuple[int, float]] = []
+    for p in sorted({**costs, full: 0.0}.items()):  # monotone chain: keep the turns that make the slope rise
+        while len(hull) >= 2 and _cross(hull[-2], hull[-1], p) <= 0:
+            hull.pop()
+        hull.append(p)
+    return hull
 
 
 def _cross(o, a, b) -> float:
@@ -147,3 +155,42 @@ def allocate(costs: list[LayerCosts], budget: int, full: int) -> list[tuple[int,
             widths[i][kind] += n
             used += n
     return [(a, b) for a, b in widths]
+
+
+def cost_at(costs: dict[int, float], full: int, width: int) -> float:
+    """The interpolated cost at `width` (from the narrowest measured width to full rank)."""
+    hull = _hull(costs, full)
+    for (w0, c0), (w1, c1) in zip(hull, hull[1:]):
+        if w0 <= width < w1:
+            return c0 + (c1 - c0) * (width - w0) / (w1 - w0)
+    if width == full:
+        return 0.0
+    raise ValueError(f"width {width} lies outside the measured {hull[0][0]} to full rank {full}")
+
+
+def allocate_equal(costs: list[LayerCosts], budget: int, full: int,
+                   sizes=VLLM_CPU_HEAD_SIZES) -> list[tuple[int, int]]:
+    """Per-layer equal key and value widths (r3 = rt3 = w, w one of `sizes`), summing to at most
+    `budget`, least total interpolated cost: every layer stays plain MQA for vLLM's own kernels.
+    Exact over the choices, by dynamic programming over the numbers used."""
+    options = []
+    for i, c in enumerate(costs):
+        lo = max(min(c.key), min(c.value))
+        choices = [(2 * w, cost_at(c.key, full, w) + cost_at(c.value, full, w))
+                   for w in sizes if lo <= w <= full and w % 2 == 0]
+        if not choices:
+            raise ValueError(f"layer {i}: no head size in {sizes} lies between {lo} and full rank {full}")
+        options.append(choices)
+    best: dict[int, tuple[float, list[int]]] = {0: (0.0, [])}  # numbers used -> least cost, widths
+    for choices in options:
+        nxt: dict[int, tuple[float, list[int]]] = {}
+        for used, (cost, picks) in best.items():
+            for numbers, c in choices:
+                key = used + numbers
+                if key <= budget and (key not in nxt or cost + c < nxt[key][0]):
+                    nxt[key] = (cost + c, picks + [numbers // 2])
+        if not nxt:
+            raise ValueError(f"a budget of {budget} numbers per token cannot give every layer a head size")
+        best = nxt
+    _, picks = min(best.values())
+    return [(w, w) for w in picks]

@@ -11,6 +11,7 @@ import hashlib
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -27,6 +28,15 @@ def chat_template_or_error(tokenizer, what: str) -> None:
     """A ModelError naming `what` when the tokenizer has no chat template (most base models)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ModelError(f"{what} needs a chat template, and this model's tokenizer has none (a base model?)")
+
+
+def can_chat(tokenizer, model: str, otherwise: str) -> bool:
+    """Whether the tokenizer has a chat template; without one (most base models), one line on stderr
+    says what happens `otherwise`."""
+    if getattr(tokenizer, "chat_template", None):
+        return True
+    print(f"note: {model} has no chat template (a base model?): {otherwise}", file=sys.stderr, flush=True)
+    return False
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:

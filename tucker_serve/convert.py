@@ -17,9 +17,9 @@ import torch
 from tqdm import tqdm
 
 from tucker_serve import cache_layout as cl
-from tucker_serve.allocate import allocate, measure
+from tucker_serve.allocate import allocate, allocate_equal, measure
 from tucker_serve.calibrate import AttentionShape, LayerStats, collect
-from tucker_serve.chat import source_chats
+from tucker_serve.chat import can_chat, source_chats
 from tucker_serve.rope import basis_freqs, complex_basis_map
 from tucker_serve.checkpoint import ModelError, converted_config, write_folder
 from tucker_serve.options import cite, flag, invalid, option
@@ -43,9 +43,10 @@ class ConvertOptions:
     key_metric: str = option("attention", str, "key importance (see key_bases): attention-centred and "
                                                "query-weighted, query-weighted, or raw",
                              choices=("attention", "query", "plain"))
-    layer_widths: str = option("uniform", str, "latent widths with --kv-ratio: the same in every layer, or each "
-                                               "layer's chosen by the measured cost of truncating it",
-                               choices=("uniform", "measured"))
+    layer_widths: str = option("uniform", str, "latent widths with --kv-ratio: the same in every layer, each "
+                                               "layer's chosen by the measured cost of truncating it, or so with "
+                                               "equal key and value widths that vLLM's own kernels serve",
+                               choices=("uniform", "measured", "measured-equal"))
     measure_window: int = 1024  # tokens per window of the per-layer measurement (layer_widths=measured)
     measure_windows: int = 2
     value_stat: str = option("values", str, "value directions from the values' Gram matrix or the attention "
@@ -198,12 +199,16 @@ def convert_layer(attn, st: LayerStats, s: AttentionShape, r3: int, rt3: int, op
     return out, freqs, row
 
 
-def calibration_tokens(model, tokenizer, source_folder: Path, opt: ConvertOptions, progress: bool) -> torch.Tensor:
+def calibration_tokens(model, tokenizer, source_folder: Path, opt: ConvertOptions, progress: bool):
     """`calib_tokens` tokens shared out over the comma-separated sources of `calib_text`: built-in
-    texts (calibration split), files, and `chat`, the source's own answers to the healing prompts."""
+    texts (calibration split), files, and `chat`, the source's own answers to the healing prompts
+    (left out, with a notice, when the tokenizer has no chat template). Returns the tokens and the
+    sources used."""
     parts = [p.strip() for p in opt.calib_text.split(",") if p.strip()]
     if not parts:
         raise ModelError(invalid("calib_text", opt.calib_text, "names no text"))
+    if "chat" in parts and not can_chat(tokenizer, source_folder.name, "calibrating on text only"):
+        parts = [p for p in parts if p != "chat"] or ["wiki"]
     share, ids = opt.calib_tokens // len(parts), []
     for part in parts:
         if part == "chat":
@@ -212,7 +217,7 @@ def calibration_tokens(model, tokenizer, source_folder: Path, opt: ConvertOption
             ids += text_tokens(tokenizer, part, share)
     if len(ids) < opt.calib_window:
         raise ModelError(f"calibration text has {len(ids)} tokens; need at least {opt.calib_window}")
-    return torch.tensor(ids[: len(ids) // opt.calib_window * opt.calib_window])
+    return torch.tensor(ids[: len(ids) // opt.calib_window * opt.calib_window]), ",".join(parts)
 
 
 def convert(model_spec: str, out_dir, opt: ConvertOptions, progress: bool = True) -> dict:
@@ -230,7 +235,7 @@ def convert(model_spec: str, out_dir, opt: ConvertOptions, progress: bool = True
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ModelError(invalid("dtype", opt.dtype, "must be float32, bfloat16 or float16"))
     model, tokenizer = load_hf_model(source.folder), load_tokenizer(source.folder)
-    ids = calibration_tokens(model, tokenizer, source.folder, opt, progress)
+    ids, texts = calibration_tokens(model, tokenizer, source.folder, opt, progress)
     stats = collect(model, ids, opt.calib_window, progress)
     state = {k: v for k, v in model.state_dict().items() if ".self_attn." not in k}
     if cfg.get("tie_word_embeddings"):
@@ -246,7 +251,7 @@ def convert(model_spec: str, out_dir, opt: ConvertOptions, progress: bool = True
         rows.append(row)
     state = {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
     r3s, rt3s = [w[0] for w in widths], [w[1] for w in widths]
-    report = build_report(model_spec, cfg, s, r3s, rt3s, opt, ids.numel(), rows, time.time() - start)
+    report = build_report(model_spec, cfg, s, r3s, rt3s, opt, texts, ids.numel(), rows, time.time() - start)
     config = converted_config(cfg, heads=s.heads, head_dim=s.head_dim, r3=r3s, rt3=rt3s,
                               qkv_bias=s.family.has_qkv_bias(cfg),
                               source_kv_width=s.kv_width, latent_rope_freqs=freqs, dtype=opt.dtype)
@@ -274,10 +279,11 @@ def layer_widths(model, ids: torch.Tensor, stats: list[LayerStats], s: Attention
 
     full = s.groups * s.head_dim
     costs = measure(model, windows, tensors, uniform, full, progress)
-    return allocate(costs, len(layers) * sum(uniform), full), costs
+    choose = allocate_equal if opt.layer_widths == "measured-equal" else allocate
+    return choose(costs, len(layers) * sum(uniform), full), costs
 
 
-def build_report(spec, cfg, s, r3s, rt3s, opt, tokens, rows, seconds) -> dict:
+def build_report(spec, cfg, s, r3s, rt3s, opt, texts, tokens, rows, seconds) -> dict:
     width = sum(cl.tucker_kv_width(a, b) for a, b in zip(r3s, rt3s))  # all layers
     one = lambda ranks: ranks[0] if len(set(ranks)) == 1 else ranks  # noqa: E731
     return {
@@ -289,7 +295,7 @@ def build_report(spec, cfg, s, r3s, rt3s, opt, tokens, rows, seconds) -> dict:
                             "converted": cl.kv_bytes_per_token(width, 1, opt.dtype)},
         "compression_ratio": round(cl.compression_ratio(s.kv_width * len(r3s), width), 6),
         "dtype": opt.dtype,
-        "calibration": {"text": opt.calib_text, "tokens": tokens, "window": opt.calib_window,
+        "calibration": {"text": texts, "tokens": tokens, "window": opt.calib_window,
                         "key_metric": opt.key_metric, "value_stat": opt.value_stat,
                         "layer_widths": opt.layer_widths},
         "seconds": round(seconds, 1),

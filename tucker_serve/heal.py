@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tucker_serve.chat import source_chats
+from tucker_serve.chat import can_chat, source_chats
 from tucker_serve.evaluate import perplexity, text_windows
 from tucker_serve.model import TuckerLlama
 from tucker_serve.cache_dtypes import rounding_dtypes
@@ -246,7 +246,8 @@ def heal(model_dir, out_dir, opt: HealOptions, progress: bool = True) -> dict:
     start = time.time()
     deadline = start + opt.minutes * 60 if opt.minutes is not None else None
     chats = source_chats(teacher, tokenizer, source.folder, opt.chat_prompts, opt.answer_tokens,
-                         progress) if opt.chat > 0 else None
+                         progress) if opt.chat > 0 and can_chat(tokenizer, source.folder.name, "healing on text only") \
+        else None
     windows = Windows(tokens, chats, opt.chat)
     chat_minutes = (time.time() - start) / 60
     local_deadline = None if deadline is None else time.time() + opt.local_share * (deadline - time.time())
@@ -255,6 +256,7 @@ def heal(model_dir, out_dir, opt: HealOptions, progress: bool = True) -> dict:
     local_minutes = (time.time() - start) / 60 - chat_minutes
     steps, losses = global_phase(student, teacher, windows, opt, deadline, progress)
     minutes = (time.time() - start) / 60
+    kl_minutes = max(minutes - local_minutes - chat_minutes, 1e-6)
     after = perplexity(student, eval_windows, progress=False) if eval_windows is not None else None
     report["healing"] = {
         **{k: v for k, v in asdict(opt).items() if k != "source"},
@@ -262,6 +264,9 @@ def heal(model_dir, out_dir, opt: HealOptions, progress: bool = True) -> dict:
         "chat_tokens": 0 if chats is None else chats.numel(), "local_minutes": round(local_minutes, 2),
         "global_steps": steps,
         "minutes_done": round(minutes, 2), "tokens_trained": steps * opt.batch * opt.seq,
+        "kl_minutes": round(kl_minutes, 2),  # the KL phase alone: its rate of steps and tokens
+        "kl_steps_per_minute": round(steps / kl_minutes, 2),
+        "kl_tokens_per_minute": round(steps * opt.batch * opt.seq / kl_minutes),
         "final_kl": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 5),
         "perplexity_before": before and round(before.perplexity, 4),
         "perplexity_after": after and round(after.perplexity, 4),
