@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from tucker_serve.attention import TuckerAttention
-from tucker_serve.calibrate import AttentionShape, LayerStats
+from tucker_serve.calibrate import AttentionShape
 from tucker_serve.config import TuckerConfig
 
 
