@@ -4,8 +4,8 @@ caches: `tucker-serve eval --long` on each row, one after the other, in one run.
     .venv/bin/python bench/long_context.py --out docs/bench/long_context
 
 A row is MODEL/CACHE: `source` or a ratio (`full` = full rank, `1.5@measured`: latent widths per
-layer by measurement; conversions cached as `serve` caches them) served with vLLM's cache dtype CACHE (auto or fp8). Every row gets the same prompts: a pass key
-at evenly spaced depths of wiki text and of filler at each length, and perplexity by position over
+layer by measurement; conversions cached as `serve` caches them) served with vLLM's cache dtype
+CACHE (auto or fp8). Every row gets the same prompts: a pass key at evenly spaced depths of wiki text and of filler at each length, and perplexity by position over
 long wiki windows. Finished rows are kept under --out (rows/*.json) and not measured again;
 results.json holds every number and answer of results.md.
 """
@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from tucker_eval.long_context import long_context_eval
 from tucker_serve.long_context import LENGTHS
-from tucker_serve.model_cache import at_ratio, tucker_model
+from tucker_serve.model_cache import at_spec, tucker_model
 from tucker_serve.options import listing
 from tucker_serve.sources import DEFAULT_MODEL, resolve
 
@@ -30,9 +29,7 @@ ROWS = ("source/auto", "source/fp8", "full/auto", "1.2/auto", "1.2/fp8", "1.5/au
 def folder_of(source: str, model: str) -> str:
     if model == "source":
         return str(resolve(source).folder)
-    ratio, _, widths = model.partition("@")
-    opt = at_ratio(1.0 if ratio == "full" else float(ratio))
-    return str(tucker_model(source, replace(opt, layer_widths=widths) if widths else opt, progress=False))
+    return str(tucker_model(source, at_spec(model), progress=False))
 
 
 def table(rows: list[dict]) -> str:

@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tucker_serve.convert import ConvertOptions
 from tucker_serve.evaluate import evaluate
 from tucker_serve.heal import HealOptions, heal
-from tucker_serve.model_cache import tucker_model
+from tucker_serve.model_cache import at_spec, tucker_model
 
 SOURCE = "smollm2-135m"
 
@@ -81,10 +80,8 @@ def measure(model: str, out: Path, name: str, tokens: int) -> dict:
 
 def build(v: Variant, out: Path) -> tuple[Path, dict]:
     """The variant's folder (converted, then healed), with what making it cost."""
-    ratio, _, widths = v.ratio.partition("@")
-    kind = dict(full_rank=True) if ratio == "full" else dict(kv_ratio=float(ratio), layer_widths=widths or "uniform")
-    folder = tucker_model(SOURCE, ConvertOptions(**kind, calib_text=v.calib.replace("+", ",")), root=out / "models",
-                          progress=False)
+    folder = tucker_model(SOURCE, replace(at_spec(v.ratio), calib_text=v.calib.replace("+", ",")),
+                          root=out / "models", progress=False)
     report = json.loads((folder / "tucker_report.json").read_text())
     info = {"key_rank": report["key_rank"], "value_rank": report["value_rank"], "convert_seconds": report["seconds"]}
     if v.heal_minutes is None:
@@ -112,9 +109,9 @@ def main() -> None:
     for v in [Variant.parse(s) for s in args.variants.split(",")]:
         start = time.time()
         folder, info = build(v, out)
-        ratio, _, widths = v.ratio.partition("@")
-        rows.append({"variant": v.name, "ratio": 1.0 if ratio == "full" else float(ratio),
-                     "widths": widths or "uniform", "calib": v.calib, "heal": v.heal_minutes,
+        opt = at_spec(v.ratio)
+        rows.append({"variant": v.name, "ratio": opt.kv_ratio or 1.0,
+                     "widths": opt.layer_widths, "calib": v.calib, "heal": v.heal_minutes,
                      "chat_share": v.chat_share if v.heal_minutes else None,
                      "local_share": v.local_share if v.heal_minutes else None, **info,
                      **measure(str(folder), out, v.name, args.tokens)})

@@ -120,7 +120,7 @@ class MemoryLayout:
 
     @property
     def bytes_per_token(self) -> int:
-        return sum(self.widths) * dtype_bytes(self.dtype)
+        return kv_bytes_per_token(sum(self.widths), 1, self.dtype)
 
     @property
     def source_bytes_per_token(self) -> int:
@@ -128,7 +128,7 @@ class MemoryLayout:
 
     @property
     def compression_ratio(self) -> float:
-        return self.source_width * self.num_layers / sum(self.widths)
+        return compression_ratio(self.source_width * self.num_layers, sum(self.widths))
 
 
 def model_layout(config: dict, dtype) -> MemoryLayout:

@@ -51,7 +51,6 @@ class TuckerModelConfig:
     vocab_size: int
     hidden_size: int
     intermediate_size: int
-    num_layers: int
     rms_norm_eps: float
     tie_word_embeddings: bool
     layers: tuple[TuckerConfig, ...]  # attention shape of each layer (latent widths may differ)
@@ -87,12 +86,16 @@ class TuckerModelConfig:
             )
         return cls(
             vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"], num_layers=layers,
+            intermediate_size=cfg["intermediate_size"],
             rms_norm_eps=cfg["rms_norm_eps"], tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             layers=attention, block_core=t.get("block_core", False), qkv_bias=t.get("qkv_bias", False),
             softmax_scale=t["softmax_scale"], latent_rope_freqs=tuple(tuple(f) for f in freqs),
             source_kv_width=t["source_kv_width"],
         )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
 
 
 def per_layer(block: dict, name: str, layers: int, where) -> tuple[int, ...]:
@@ -105,7 +108,8 @@ def per_layer(block: dict, name: str, layers: int, where) -> tuple[int, ...]:
     return (value,) * layers
 
 
-def _one_or_list(ranks) -> int | list[int]:
+def one_or_list(ranks) -> int | list[int]:
+    """Per-layer ranks as written: one number when every layer has it, else the list."""
     ranks = [ranks] if isinstance(ranks, int) else list(ranks)
     return ranks[0] if len(set(ranks)) == 1 else ranks
 
@@ -114,7 +118,7 @@ def converted_config(source: dict, *, heads: int, head_dim: int, r3, rt3, qkv_bi
                      source_kv_width: int, latent_rope_freqs: list, dtype: str) -> dict:
     """config.json of a conversion of `source` (block cores: per-head slices of the source's Wq, Wo).
     r3 and rt3 are one number or a list with one per layer; a rank equal in every layer is written as one number."""
-    r3, rt3 = _one_or_list(r3), _one_or_list(rt3)
+    r3, rt3 = one_or_list(r3), one_or_list(rt3)
     out = {k: v for k, v in source.items() if k not in ("quantization_config", "auto_map", "torch_dtype")}
     out["architectures"] = [ARCHITECTURE]
     out["dtype"] = dtype

@@ -21,7 +21,7 @@ from tucker_serve.allocate import allocate, allocate_equal, measure
 from tucker_serve.calibrate import AttentionShape, LayerStats, collect
 from tucker_serve.chat import can_chat, source_chats
 from tucker_serve.rope import basis_freqs, complex_basis_map
-from tucker_serve.checkpoint import ModelError, converted_config, write_folder
+from tucker_serve.checkpoint import ModelError, converted_config, one_or_list, write_folder
 from tucker_serve.options import cite, flag, invalid, option
 from tucker_serve.sources import load_hf_model, load_tokenizer, resolve
 from tucker_serve.text import text_tokens
@@ -251,7 +251,7 @@ def convert(model_spec: str, out_dir, opt: ConvertOptions, progress: bool = True
         rows.append(row)
     state = {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
     r3s, rt3s = [w[0] for w in widths], [w[1] for w in widths]
-    report = build_report(model_spec, cfg, s, r3s, rt3s, opt, texts, ids.numel(), rows, time.time() - start)
+    report = build_report(model_spec, s, r3s, rt3s, opt, texts, ids.numel(), rows, time.time() - start)
     config = converted_config(cfg, heads=s.heads, head_dim=s.head_dim, r3=r3s, rt3=rt3s,
                               qkv_bias=s.family.has_qkv_bias(cfg),
                               source_kv_width=s.kv_width, latent_rope_freqs=freqs, dtype=opt.dtype)
@@ -266,13 +266,15 @@ def layer_widths(model, ids: torch.Tensor, stats: list[LayerStats], s: Attention
     if opt.layer_widths == "uniform":
         return [uniform] * len(layers), None
     if opt.kv_ratio is None:
-        raise ModelError(f"{cite('layer_widths')}=measured shares out the budget of {cite('kv_ratio')}: give it")
+        raise ModelError(f"{cite('layer_widths')}={opt.layer_widths} shares out the budget of {cite('kv_ratio')}: "
+                         "give it")
     need = opt.measure_window * opt.measure_windows
     if ids.numel() < need:
         raise ModelError(f"measuring layers needs {need} calibration tokens; {cite('calib_tokens')} gives "
                          f"{ids.numel()}")
     step = (ids.numel() - opt.measure_window) // max(opt.measure_windows - 1, 1)  # spread over every text
     windows = torch.stack([ids[k * step: k * step + opt.measure_window] for k in range(opt.measure_windows)])
+
     def tensors(i, r3, rt3):
         out, freqs, _ = convert_layer(layers[i].self_attn, stats[i], s, r3, rt3, opt)
         return out, freqs
@@ -283,17 +285,15 @@ def layer_widths(model, ids: torch.Tensor, stats: list[LayerStats], s: Attention
     return choose(costs, len(layers) * sum(uniform), full), costs
 
 
-def build_report(spec, cfg, s, r3s, rt3s, opt, texts, tokens, rows, seconds) -> dict:
-    width = sum(cl.tucker_kv_width(a, b) for a, b in zip(r3s, rt3s))  # all layers
-    one = lambda ranks: ranks[0] if len(set(ranks)) == 1 else ranks  # noqa: E731
+def build_report(spec, s, r3s, rt3s, opt, texts, tokens, rows, seconds) -> dict:
+    layout = cl.MemoryLayout(tuple(cl.tucker_kv_width(a, b) for a, b in zip(r3s, rt3s)), s.kv_width, opt.dtype)
     return {
         "source": spec,
-        "key_rank": one(r3s), "value_rank": one(rt3s),
+        "key_rank": one_or_list(r3s), "value_rank": one_or_list(rt3s),
         "bytes_per_token_per_layer": {"source": s.kv_width * cl.dtype_bytes(opt.dtype),
-                                      "converted": _exact(width * cl.dtype_bytes(opt.dtype) / len(r3s))},
-        "bytes_per_token": {"source": cl.kv_bytes_per_token(s.kv_width, len(r3s), opt.dtype),
-                            "converted": cl.kv_bytes_per_token(width, 1, opt.dtype)},
-        "compression_ratio": round(cl.compression_ratio(s.kv_width * len(r3s), width), 6),
+                                      "converted": layout.bytes_per_token_per_layer},
+        "bytes_per_token": {"source": layout.source_bytes_per_token, "converted": layout.bytes_per_token},
+        "compression_ratio": round(layout.compression_ratio, 6),
         "dtype": opt.dtype,
         "calibration": {"text": texts, "tokens": tokens, "window": opt.calib_window,
                         "key_metric": opt.key_metric, "value_stat": opt.value_stat,
@@ -301,7 +301,3 @@ def build_report(spec, cfg, s, r3s, rt3s, opt, texts, tokens, rows, seconds) -> 
         "seconds": round(seconds, 1),
         "layers": rows,
     }
-
-
-def _exact(x: float) -> int | float:
-    return int(x) if x == int(x) else round(x, 3)

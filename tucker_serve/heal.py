@@ -245,9 +245,9 @@ def heal(model_dir, out_dir, opt: HealOptions, progress: bool = True) -> dict:
     tokens = torch.tensor([i for t in opt.text.split(",") for i in text_tokens(tokenizer, t.strip(), 400_000)])
     start = time.time()
     deadline = start + opt.minutes * 60 if opt.minutes is not None else None
-    chats = source_chats(teacher, tokenizer, source.folder, opt.chat_prompts, opt.answer_tokens,
-                         progress) if opt.chat > 0 and can_chat(tokenizer, source.folder.name, "healing on text only") \
-        else None
+    chats = None
+    if opt.chat > 0 and can_chat(tokenizer, source.folder.name, "healing on text only"):
+        chats = source_chats(teacher, tokenizer, source.folder, opt.chat_prompts, opt.answer_tokens, progress)
     windows = Windows(tokens, chats, opt.chat)
     chat_minutes = (time.time() - start) / 60
     local_deadline = None if deadline is None else time.time() + opt.local_share * (deadline - time.time())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from tucker_serve.convert import ConvertOptions, convert
@@ -61,3 +61,11 @@ def tucker_model(spec: str, opt: ConvertOptions, heal_minutes: float = 0.0, root
 def at_ratio(ratio: float) -> ConvertOptions:
     """Default conversion options at a KV compression ratio; 1 means the exact full-rank conversion."""
     return ConvertOptions(full_rank=True) if ratio == 1 else ConvertOptions(kv_ratio=ratio)
+
+
+def at_spec(spec: str) -> ConvertOptions:
+    """Conversion options of a benchmark row's RATIO[@WIDTHS]: `full` (exact), `1.5`, or `2@measured`
+    (`--layer-widths measured`)."""
+    ratio, _, widths = spec.partition("@")
+    opt = at_ratio(1 if ratio == "full" else float(ratio))
+    return replace(opt, layer_widths=widths) if widths else opt
