@@ -4,7 +4,8 @@ byte budget, and on the real SmolLM2 that measured widths beat uniform ones at t
 import pytest
 import torch
 
-from tucker_serve.allocate import LayerCosts, allocate, allocate_equal, convex_steps, cost_at, measured_widths
+from tucker_serve.allocate import (SCORED, LayerCosts, allocate, allocate_equal, convex_steps, copy_probe, cost_at,
+                                   measured_widths, text_probe)
 
 
 def test_measured_widths_lie_around_the_uniform_width_below_full_rank():
@@ -46,6 +47,23 @@ def test_equal_widths_are_head_sizes_and_the_least_cost_choice_under_the_budget(
     assert widths == [(64, 64), (128, 128)]  # the dear layer wider; 48 and 32 are not offered (below measured)
     with pytest.raises(ValueError, match="cannot give every layer a head size"):
         allocate_equal([cheap, dear], budget=200, full=192)
+
+
+def test_probes_score_text_at_every_fourth_position_and_copy_windows_on_their_repeat():
+    ids = torch.arange(10_000)
+    text = text_probe(ids, 1024, 3)
+    assert text.windows.shape == (3, 1024) and text.windows[-1, -1] == 9999  # spread to the end
+    assert text.scored.tolist() == list(range(0, 1024, SCORED))
+    copy = copy_probe(ids, 4096, passage=64)
+    assert copy.windows.shape == (2, 4096)
+    body = 4096 - 64
+    for window, at in zip(copy.windows, (body // 64, body // 2)):
+        assert torch.equal(window[body:], window[at: at + 64])  # the passage, repeated at the end
+    assert torch.equal(copy.windows[1][:body], ids[body: 2 * body])  # two separate texts
+    assert copy.scored.tolist() == list(range(body, 4095))  # predicting the repeat's 2nd token on
+    with pytest.raises(ValueError, match="need 8064 calibration tokens"):
+        copy_probe(ids[:5000], 4096)
+    assert (LayerCosts({4: 1.0}, {4: 2.0}) + LayerCosts({4: 0.5}, {4: 0.25})) == LayerCosts({4: 1.5}, {4: 2.25})
 
 
 @pytest.mark.slow

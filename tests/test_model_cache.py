@@ -3,7 +3,7 @@
 import pytest
 
 from tucker_serve.convert import ConvertOptions
-from tucker_serve.model_cache import at_ratio, tucker_model, tucker_name
+from tucker_serve.model_cache import at_ratio, at_spec, tucker_model, tucker_name
 
 
 def test_names_carry_ratio_options_and_healing():
@@ -14,6 +14,16 @@ def test_names_carry_ratio_options_and_healing():
     wiki = tucker_name("src", ConvertOptions(kv_ratio=1.5, calib_text="wiki"))
     longer = tucker_name("src", ConvertOptions(kv_ratio=1.5, calib_tokens=32768))
     assert wiki.startswith("src-tucker-1.5x-") and len({wiki, longer, "src-tucker-1.5x"}) == 3
+
+
+def test_benchmark_rows_name_ratio_widths_and_any_convert_option():
+    assert at_spec("full") == ConvertOptions(full_rank=True) and at_spec("1.5") == ConvertOptions(kv_ratio=1.5)
+    assert at_spec("2@measured") == ConvertOptions(kv_ratio=2.0, layer_widths="measured")
+    assert at_spec("2@measured+copy_window=0+calib_text=wiki") == ConvertOptions(
+        kv_ratio=2.0, layer_widths="measured", copy_window=0, calib_text="wiki")
+    for bad in ("2+copy_window", "2+nonsense=1"):
+        with pytest.raises(ValueError, match="is not OPTION=VALUE of a convert option"):
+            at_spec(bad)
 
 
 @pytest.mark.slow

@@ -100,3 +100,18 @@ def test_full_rank_hosvd_attention_equals_dense_attention_without_rope():
     no_rope = torch.zeros(HEAD_DIM // 2, dtype=torch.float64)  # every angle 0
     want = gqa_attention(x, Wq, Wk, Wv, Wo, no_rope, torch.arange(TOKENS))
     assert rel_err(attn(x[None])[0], want) <= F64_EXACT
+
+
+@pytest.mark.parametrize("r3, rt3", [(8, 20), (20, 8), (12, 12)])
+def test_latent_attention_with_unequal_key_and_value_widths_is_plain_causal_attention(r3, rt3):
+    """Zero-padding the narrower side (so SDPA keeps a fused kernel) changes nothing."""
+    from tucker_serve.attention import latent_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 10, r3), torch.randn(2, 10, r3), torch.randn(2, 10, rt3)
+    scores = (q @ k[:, None].transpose(-1, -2)) * 0.3
+    scores = scores.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
+    want = scores.softmax(-1) @ v[:, None]
+    got = latent_attention(q, k, v, 0.3)
+    assert got.shape == (2, 3, 10, rt3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

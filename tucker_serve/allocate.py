@@ -5,7 +5,10 @@ values differ again; the energy a truncation keeps does not show it. So conversi
 for every layer, its keys alone and then its values alone are truncated to a few widths around
 the uniform one while every other layer stays exact, the source model runs on from that layer,
 and the KL divergence of its next-token distributions from the source's is the cost of that
-width (zero at full rank). Between measured widths the cost is interpolated linearly, on the
+width (zero at full rank). Two probes are measured and their costs added: text windows, scored at
+every SCORED-th position, and long "copy" windows that repeat at their end a passage from thousands
+of tokens earlier, scored on the repeat, so that what long-range retrieval reads has a price too
+(the 1,024-token text KL alone moves budget away from it). Between measured widths the cost is interpolated linearly, on the
 lower convex hull of the points. Assuming costs add over layers, the widths with the least total
 cost under the byte budget are then found greedily: on convex curves the next number of the
 budget always goes where it removes the most cost.
@@ -27,7 +30,8 @@ from tucker_serve.config import TuckerConfig
 # A layer whose key and value widths are equal and one of these is plain MQA that kernel serves.
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 FRACTIONS = (0.5, 1.0, 1.5)  # measured widths, as fractions of the uniform widths
-SCORED = 4  # the KL is taken at every fourth position
+SCORED = 4  # text windows: the KL is taken at every fourth position
+COPY_PASSAGE = 64  # copy windows: tokens repeated at the end
 
 
 @dataclass(frozen=True)
@@ -38,9 +42,43 @@ class LayerCosts:
     key: dict[int, float]
     value: dict[int, float]
 
-    def row(self) -> dict:
-        return {"key_kl": {w: round(v, 6) for w, v in self.key.items()},
-                "value_kl": {w: round(v, 6) for w, v in self.value.items()}}
+    def row(self, prefix: str = "") -> dict:
+        return {f"{prefix}key_kl": {w: round(v, 6) for w, v in self.key.items()},
+                f"{prefix}value_kl": {w: round(v, 6) for w, v in self.value.items()}}
+
+    def __add__(self, other: "LayerCosts") -> "LayerCosts":
+        return LayerCosts({w: c + other.key[w] for w, c in self.key.items()},
+                          {w: c + other.value[w] for w, c in self.value.items()})
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Windows (B, T) of token ids and the positions (P,) whose next-token KL is scored."""
+
+    windows: torch.Tensor
+    scored: torch.Tensor
+
+
+def text_probe(ids: torch.Tensor, window: int, count: int) -> Probe:
+    """`count` windows spread over `ids`, scored at every SCORED-th position (the LM head over all of
+    them would cost as much as 7 layers)."""
+    step = (ids.numel() - window) // max(count - 1, 1)
+    windows = torch.stack([ids[k * step: k * step + window] for k in range(count)])
+    return Probe(windows, torch.arange(0, window, SCORED))
+
+
+def copy_probe(ids: torch.Tensor, window: int, passage: int = COPY_PASSAGE) -> Probe:
+    """Two windows of `window` tokens from the start of `ids` whose last `passage` tokens repeat the
+    passage at 1/64 and at 1/2 of the text (so it lies about `window` and `window`/2 tokens back),
+    scored where the model predicts the repeat's second token on."""
+    body = window - passage
+    if ids.numel() < 2 * body:
+        raise ValueError(f"copy windows of {window} tokens need {2 * body} calibration tokens; got {ids.numel()}")
+    windows = []
+    for k, at in enumerate((body // 64, body // 2)):
+        text = ids[k * body: (k + 1) * body]
+        windows.append(torch.cat([text, text[at: at + passage]]))
+    return Probe(torch.stack(windows), torch.arange(body, window - 1))
 
 
 def measured_widths(uniform: int, full: int, step: int) -> list[int]:
@@ -69,14 +107,15 @@ def tucker_module(tensors: dict, s: AttentionShape, r3: int, rt3: int, freqs: to
 
 
 @torch.no_grad()
-def measure(model, windows: torch.Tensor, layer_tensors, uniform: tuple[int, int], full: int,
-            progress: bool = True) -> list[LayerCosts]:
-    """Costs of every layer of a transformers Llama-family `model` on `windows` (B, T).
+def measure(model, probe: Probe, layer_tensors, uniform: tuple[int, int], full: int,
+            progress: bool = True, desc: str = "measuring layers") -> list[LayerCosts]:
+    """Costs of every layer of a transformers Llama-family `model` on one probe.
 
     `layer_tensors(i, r3, rt3)` returns layer i's converted tensors and latent frequencies at those widths.
     """
     s = AttentionShape.from_config(model.config.to_dict())
     body, layers = model.model, model.model.layers
+    windows, scored = probe.windows, probe.scored
     inputs = []
     grab = lambda module, args, kwargs: inputs.append(args[0] if args else kwargs["hidden_states"])  # noqa: E731
     handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
@@ -85,8 +124,7 @@ def measure(model, windows: torch.Tensor, layer_tensors, uniform: tuple[int, int
     finally:
         for h in handles:
             h.remove()
-    # KL at every SCORED-th position: the LM head over all of them would cost as much as 7 layers.
-    reference = model.lm_head(hidden[:, ::SCORED]).log_softmax(-1)
+    reference = model.lm_head(hidden[:, scored]).log_softmax(-1)
     positions = torch.arange(windows.shape[1])[None].expand(windows.shape[0], -1)
     rotary = body.rotary_emb(inputs[0], positions)
 
@@ -101,12 +139,12 @@ def measure(model, windows: torch.Tensor, layer_tensors, uniform: tuple[int, int
                 x = layer(x, position_embeddings=rotary, position_ids=positions)
         finally:
             layers[i].self_attn = original
-        logp = model.lm_head(body.norm(x)[:, ::SCORED]).log_softmax(-1)
+        logp = model.lm_head(body.norm(x)[:, scored]).log_softmax(-1)
         return max((reference.exp() * (reference - logp)).sum(-1).mean().item(), 0.0)
 
     keys, values = measured_widths(uniform[0], full, 2), measured_widths(uniform[1], full, 1)
     return [LayerCosts({w: kl_with(i, w, full) for w in keys}, {w: kl_with(i, full, w) for w in values})
-            for i in tqdm(range(len(layers)), desc="measuring layers", unit="layer", disable=not progress)]
+            for i in tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress)]
 
 
 def convex_steps(costs: dict[int, float], full: int, step: int) -> list[tuple[float, int]]:

@@ -73,9 +73,16 @@ def as_complex(x: torch.Tensor) -> torch.Tensor:
     return torch.complex(a, b)
 
 
+QUERIES = 1024  # attention statistics read at most this many query positions per window (evenly spaced)
+
+
 @torch.no_grad()
 def accumulate(stats: LayerStats, attn, x: torch.Tensor, s: AttentionShape) -> None:
-    """Add one window x (T, d) of attention inputs to a layer's statistics."""
+    """Add one window x (T, d) of attention inputs to a layer's statistics.
+
+    The attention-weighted statistics cost O(T^2): on long windows they read every stride-th query
+    (still every key), scaled by the stride; the least-squares fits that use them do not depend on scale.
+    """
     T = x.shape[0]
     q, k, v = project_qkv(attn, x, s)
     zk, zq = as_complex(k), as_complex(q)  # (T, G, D/2), (T, H, D/2)
@@ -83,12 +90,14 @@ def accumulate(stats: LayerStats, attn, x: torch.Tensor, s: AttentionShape) -> N
     stats.query_energy += zq.abs().square().sum(0)
     vs = v.flatten(1)  # (T, G*D)
     stats.value_gram += (vs.T @ vs).double()
+    stride = max(1, T // QUERIES)
+    at = torch.arange(stride - 1, T, stride)  # query positions read, the last one included
     cos, sin = rope_cos_sin(s.inv_freq, torch.arange(T))
-    qr = apply_rope(q, cos[:, None], sin[:, None]).transpose(0, 1)  # (H, T, D)
+    qr = apply_rope(q[at], cos[at, None], sin[at, None]).transpose(0, 1)  # (H, S, D)
     kr = apply_rope(k, cos[:, None], sin[:, None]).transpose(0, 1)  # (G, T, D)
     scores = qr @ kr.repeat_interleave(s.heads // s.groups, 0).transpose(1, 2) * s.head_dim**-0.5
-    probs = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
-    y = probs @ vs  # (H, T, G*D): head h's attention applied to every group's values
+    probs = scores.masked_fill(torch.arange(T)[None] > at[:, None], float("-inf")).softmax(-1)  # (H, S, T)
+    y = probs @ vs  # (H, S, G*D): head h's attention applied to every group's values
     # Softmax ignores logit errors common to all keys of a query: what matters is the spread of
     # the (rotated) keys under each query's attention, E_A[w w^H] - E_A[w] E_A[w]^H.
     zk32 = zk.to(torch.complex64)
@@ -98,8 +107,8 @@ def accumulate(stats: LayerStats, attn, x: torch.Tensor, s: AttentionShape) -> N
     mu = torch.view_as_complex((probs @ flat).unflatten(-1, (s.groups, s.head_dim // 2, 2)).contiguous())
     first = torch.einsum("t,tgk,thk->kgh", received.to(torch.complex64), zk32, zk32.conj())
     second = torch.einsum("mtgk,mthk->kgh", mu, mu.conj())
-    stats.key_attn_cov += (first - second).to(torch.complex128)
-    stats.out_gram += (y.transpose(1, 2) @ y).double()
+    stats.key_attn_cov += stride * (first - second).to(torch.complex128)
+    stats.out_gram += stride * (y.transpose(1, 2) @ y).double()
     stats.tokens += T
 
 

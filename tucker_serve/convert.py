@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from tucker_serve import cache_layout as cl
-from tucker_serve.allocate import allocate, allocate_equal, measure
+from tucker_serve.allocate import allocate, allocate_equal, copy_probe, measure, text_probe
 from tucker_serve.calibrate import AttentionShape, LayerStats, collect
 from tucker_serve.chat import can_chat, source_chats
 from tucker_serve.rope import basis_freqs, complex_basis_map
@@ -38,7 +38,10 @@ class ConvertOptions:
     calib_text: str = option("wiki,chat", str, "comma-separated: wiki, news, chat (the source's own answers to "
                                                "healing prompts) or UTF-8 files")
     calib_tokens: int = option(16384, int, "calibration tokens, shared out over --calib-text")
-    calib_window: int = 512
+    # Long windows: the attention statistics of 512-token windows miss how attention reads tokens
+    # thousands back, and retrieval at 4k tokens collapsed (docs/quality.md, "Long context").
+    calib_window: int = option(4096, int, "tokens per calibration window (at most the calibration and the "
+                                          "source's context)")
     dtype: str = option("float32", str, "dtype of the converted weights", choices=("float32", "bfloat16", "float16"))
     key_metric: str = option("attention", str, "key importance (see key_bases): attention-centred and "
                                                "query-weighted, query-weighted, or raw",
@@ -49,6 +52,8 @@ class ConvertOptions:
                                choices=("uniform", "measured", "measured-equal"))
     measure_window: int = 1024  # tokens per window of the per-layer measurement (layer_widths=measured)
     measure_windows: int = 2
+    copy_window: int = option(0, int, "with measured widths: tokens of the long windows whose repeated passage "
+                                      "prices long-range retrieval (0: text windows only)")
     value_stat: str = option("values", str, "value directions from the values' Gram matrix or the attention "
                                             "outputs'", choices=("values", "outputs"))
 
@@ -202,8 +207,9 @@ def convert_layer(attn, st: LayerStats, s: AttentionShape, r3: int, rt3: int, op
 def calibration_tokens(model, tokenizer, source_folder: Path, opt: ConvertOptions, progress: bool):
     """`calib_tokens` tokens shared out over the comma-separated sources of `calib_text`: built-in
     texts (calibration split), files, and `chat`, the source's own answers to the healing prompts
-    (left out, with a notice, when the tokenizer has no chat template). Returns the tokens and the
-    sources used."""
+    (left out, with a notice, when the tokenizer has no chat template). Returns the tokens, whole
+    windows of `calib_window` tokens (fewer when the calibration or the source's context is shorter),
+    the window and the sources used."""
     parts = [p.strip() for p in opt.calib_text.split(",") if p.strip()]
     if not parts:
         raise ModelError(invalid("calib_text", opt.calib_text, "names no text"))
@@ -215,9 +221,10 @@ def calibration_tokens(model, tokenizer, source_folder: Path, opt: ConvertOption
             ids += source_chats(model, tokenizer, source_folder, min_tokens=share, progress=progress)[:share].tolist()
         else:
             ids += text_tokens(tokenizer, part, share)
-    if len(ids) < opt.calib_window:
-        raise ModelError(f"calibration text has {len(ids)} tokens; need at least {opt.calib_window}")
-    return torch.tensor(ids[: len(ids) // opt.calib_window * opt.calib_window]), ",".join(parts)
+    window = min(opt.calib_window, len(ids), getattr(model.config, "max_position_embeddings", None) or len(ids))
+    if window < 16:
+        raise ModelError(f"calibration text has {len(ids)} tokens; need at least 16")
+    return torch.tensor(ids[: len(ids) // window * window]), window, ",".join(parts)
 
 
 def convert(model_spec: str, out_dir, opt: ConvertOptions, progress: bool = True) -> dict:
@@ -235,8 +242,8 @@ def convert(model_spec: str, out_dir, opt: ConvertOptions, progress: bool = True
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ModelError(invalid("dtype", opt.dtype, "must be float32, bfloat16 or float16"))
     model, tokenizer = load_hf_model(source.folder), load_tokenizer(source.folder)
-    ids, texts = calibration_tokens(model, tokenizer, source.folder, opt, progress)
-    stats = collect(model, ids, opt.calib_window, progress)
+    ids, window, texts = calibration_tokens(model, tokenizer, source.folder, opt, progress)
+    stats = collect(model, ids, window, progress)
     state = {k: v for k, v in model.state_dict().items() if ".self_attn." not in k}
     if cfg.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
@@ -245,13 +252,13 @@ def convert(model_spec: str, out_dir, opt: ConvertOptions, progress: bool = True
     freqs, rows = [], []
     for i, layer in enumerate(tqdm(layers, desc="converting", unit="layer", disable=not progress)):
         tensors, f, row = convert_layer(layer.self_attn, stats[i], s, *widths[i], opt)
-        row = {"key_rank": widths[i][0], "value_rank": widths[i][1], **row, **(costs[i].row() if costs else {})}
+        row = {"key_rank": widths[i][0], "value_rank": widths[i][1], **row, **(costs[i] if costs else {})}
         state.update({f"model.layers.{i}.self_attn.{k}": v for k, v in tensors.items()})
         freqs.append(f.tolist())
         rows.append(row)
     state = {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
     r3s, rt3s = [w[0] for w in widths], [w[1] for w in widths]
-    report = build_report(model_spec, s, r3s, rt3s, opt, texts, ids.numel(), rows, time.time() - start)
+    report = build_report(model_spec, s, r3s, rt3s, opt, texts, ids.numel(), window, rows, time.time() - start)
     config = converted_config(cfg, heads=s.heads, head_dim=s.head_dim, r3=r3s, rt3=rt3s,
                               qkv_bias=s.family.has_qkv_bias(cfg),
                               source_kv_width=s.kv_width, latent_rope_freqs=freqs, dtype=opt.dtype)
@@ -261,31 +268,35 @@ def convert(model_spec: str, out_dir, opt: ConvertOptions, progress: bool = True
 
 def layer_widths(model, ids: torch.Tensor, stats: list[LayerStats], s: AttentionShape, uniform: tuple[int, int],
                  opt: ConvertOptions, progress: bool):
-    """(r3, rt3) of every layer, and the measured costs when they were chosen by measurement."""
+    """(r3, rt3) of every layer, and report rows of the measured costs when they were chosen by measurement."""
     layers = model.model.layers
     if opt.layer_widths == "uniform":
         return [uniform] * len(layers), None
     if opt.kv_ratio is None:
         raise ModelError(f"{cite('layer_widths')}={opt.layer_widths} shares out the budget of {cite('kv_ratio')}: "
                          "give it")
-    need = opt.measure_window * opt.measure_windows
+    need = max(opt.measure_window * opt.measure_windows, 2 * opt.copy_window)
     if ids.numel() < need:
         raise ModelError(f"measuring layers needs {need} calibration tokens; {cite('calib_tokens')} gives "
                          f"{ids.numel()}")
-    step = (ids.numel() - opt.measure_window) // max(opt.measure_windows - 1, 1)  # spread over every text
-    windows = torch.stack([ids[k * step: k * step + opt.measure_window] for k in range(opt.measure_windows)])
+    probes = {"": text_probe(ids, opt.measure_window, opt.measure_windows)}  # spread over every text
+    if opt.copy_window:
+        probes["copy_"] = copy_probe(ids, opt.copy_window)
 
     def tensors(i, r3, rt3):
         out, freqs, _ = convert_layer(layers[i].self_attn, stats[i], s, r3, rt3, opt)
         return out, freqs
 
     full = s.groups * s.head_dim
-    costs = measure(model, windows, tensors, uniform, full, progress)
+    parts = {name: measure(model, probe, tensors, uniform, full, progress, f"measuring layers{name and ' (copy)'}")
+             for name, probe in probes.items()}
+    costs = [sum(layer[1:], layer[0]) for layer in zip(*parts.values())]
+    rows = [{k: v for name, part in parts.items() for k, v in part[i].row(name).items()} for i in range(len(layers))]
     choose = allocate_equal if opt.layer_widths == "measured-equal" else allocate
-    return choose(costs, len(layers) * sum(uniform), full), costs
+    return choose(costs, len(layers) * sum(uniform), full), rows
 
 
-def build_report(spec, s, r3s, rt3s, opt, texts, tokens, rows, seconds) -> dict:
+def build_report(spec, s, r3s, rt3s, opt, texts, tokens, window, rows, seconds) -> dict:
     layout = cl.MemoryLayout(tuple(cl.tucker_kv_width(a, b) for a, b in zip(r3s, rt3s)), s.kv_width, opt.dtype)
     return {
         "source": spec,
@@ -295,9 +306,9 @@ def build_report(spec, s, r3s, rt3s, opt, texts, tokens, rows, seconds) -> dict:
         "bytes_per_token": {"source": layout.source_bytes_per_token, "converted": layout.bytes_per_token},
         "compression_ratio": round(layout.compression_ratio, 6),
         "dtype": opt.dtype,
-        "calibration": {"text": texts, "tokens": tokens, "window": opt.calib_window,
+        "calibration": {"text": texts, "tokens": tokens, "window": window,
                         "key_metric": opt.key_metric, "value_stat": opt.value_stat,
-                        "layer_widths": opt.layer_widths},
+                        "layer_widths": opt.layer_widths, **({"copy_window": opt.copy_window} if opt.copy_window else {})},
         "seconds": round(seconds, 1),
         "layers": rows,
     }

@@ -64,8 +64,16 @@ def at_ratio(ratio: float) -> ConvertOptions:
 
 
 def at_spec(spec: str) -> ConvertOptions:
-    """Conversion options of a benchmark row's RATIO[@WIDTHS]: `full` (exact), `1.5`, or `2@measured`
-    (`--layer-widths measured`)."""
-    ratio, _, widths = spec.partition("@")
+    """Conversion options of a benchmark row's RATIO[@WIDTHS][+OPTION=VALUE...]: `full` (exact), `1.5`,
+    `2@measured` (`--layer-widths measured`), `2@measured+copy_window=0` (any declared convert option)."""
+    head, *overrides = spec.split("+")
+    ratio, _, widths = head.partition("@")
     opt = at_ratio(1 if ratio == "full" else float(ratio))
-    return replace(opt, layer_widths=widths) if widths else opt
+    changes = {"layer_widths": widths} if widths else {}
+    declared = {f.name: f for f in fields(ConvertOptions) if "kind" in f.metadata}
+    for item in overrides:
+        name, _, value = item.partition("=")
+        if name not in declared or not value:
+            raise ValueError(f"{spec!r}: {item!r} is not OPTION=VALUE of a convert option ({', '.join(declared)})")
+        changes[name] = declared[name].metadata["kind"](value)
+    return replace(opt, **changes)
