@@ -4,9 +4,10 @@ caches: `tucker-serve eval --long` on each row, one after the other, in one run.
     .venv/bin/python bench/long_context.py --out docs/bench/long_context
 
 A row is MODEL/CACHE: `source` or a ratio (`full` = full rank, `1.5@measured`: latent widths per
-layer by measurement; conversions cached as `serve` caches them) served with vLLM's cache dtype
-CACHE (auto or fp8). Every row gets the same prompts: a pass key at evenly spaced depths of wiki text and of filler at each length, and perplexity by position over
-long wiki windows. Finished rows are kept under --out (rows/*.json) and not measured again;
+layer by measurement; `1.2+calib_window=512`: any convert option; conversions cached as `serve`
+caches them) served with vLLM's cache dtype CACHE (auto or fp8). Every row gets the same prompts: a
+pass key at evenly spaced depths of wiki text and of filler at each length, and perplexity by
+position over long wiki windows. Finished rows are kept under --out (rows/*.json) and not measured again;
 results.json holds every number and answer of results.md.
 """
 

@@ -5,13 +5,13 @@ values differ again; the energy a truncation keeps does not show it. So conversi
 for every layer, its keys alone and then its values alone are truncated to a few widths around
 the uniform one while every other layer stays exact, the source model runs on from that layer,
 and the KL divergence of its next-token distributions from the source's is the cost of that
-width (zero at full rank). Two probes are measured and their costs added: text windows, scored at
-every SCORED-th position, and long "copy" windows that repeat at their end a passage from thousands
-of tokens earlier, scored on the repeat, so that what long-range retrieval reads has a price too
-(the 1,024-token text KL alone moves budget away from it). Between measured widths the cost is interpolated linearly, on the
-lower convex hull of the points. Assuming costs add over layers, the widths with the least total
-cost under the byte budget are then found greedily: on convex curves the next number of the
-budget always goes where it removes the most cost.
+width (zero at full rank). The probe is text windows, scored at every SCORED-th position; with a
+copy window a second probe adds its costs: long windows that repeat at their end a passage from
+thousands of tokens earlier, scored on the repeat, so that what long-range retrieval reads has a
+price too (the 1,024-token text KL alone moves budget away from it). Between measured widths the
+cost is interpolated linearly, on the lower convex hull of the points. Assuming costs add over
+layers, the widths with the least total cost under the byte budget are then found greedily: on
+convex curves the next number of the budget always goes where it removes the most cost.
 """
 
 from __future__ import annotations

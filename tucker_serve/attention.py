@@ -33,13 +33,17 @@ def latent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     4,096 tokens on CPU), so the narrower side is zero-padded, which changes no score and no output."""
     if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return flash_latent_attention(q, k, v, scale)
-    r3, rt3 = q.shape[-1], v.shape[-1]
-    width = max(r3, rt3)
-    pad = lambda t: t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]))  # noqa: E731
+    width = max(q.shape[-1], v.shape[-1])
     out = F.scaled_dot_product_attention(
-        pad(q), pad(k)[:, None], pad(v)[:, None], is_causal=True, scale=scale, enable_gqa=True
+        _pad(q, width), _pad(k, width)[:, None], _pad(v, width)[:, None], is_causal=True, scale=scale, enable_gqa=True
     )
-    return out[..., :rt3]
+    return out[..., : v.shape[-1]]
+
+
+def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """`t` zero-padded on its last dimension to `width`: adds nothing to scores, and output columns
+    that are cut off again."""
+    return t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]))
 
 
 def flash_latent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -50,8 +54,7 @@ def flash_latent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     width = -(-max(r3, rt3) // 8) * 8
     if width > 256:
         raise ValueError(f"flash-attention takes head sizes up to 256, the latent needs {width}")
-    pad = lambda t: F.pad(t, (0, width - t.shape[-1]))  # noqa: E731
-    out = flash_attn_func(pad(q).transpose(1, 2), pad(k)[:, :, None], pad(v)[:, :, None],
+    out = flash_attn_func(_pad(q, width).transpose(1, 2), _pad(k, width)[:, :, None], _pad(v, width)[:, :, None],
                           softmax_scale=scale, causal=True)  # (B, T, H, width)
     return out[..., :rt3].transpose(1, 2)
 

@@ -308,7 +308,8 @@ def build_report(spec, s, r3s, rt3s, opt, texts, tokens, window, rows, seconds) 
         "dtype": opt.dtype,
         "calibration": {"text": texts, "tokens": tokens, "window": window,
                         "key_metric": opt.key_metric, "value_stat": opt.value_stat,
-                        "layer_widths": opt.layer_widths, **({"copy_window": opt.copy_window} if opt.copy_window else {})},
+                        "layer_widths": opt.layer_widths,
+                        **({"copy_window": opt.copy_window} if opt.copy_window else {})},
         "seconds": round(seconds, 1),
         "layers": rows,
     }
