@@ -84,7 +84,7 @@ def test_measured_widths_beat_uniform_widths_on_smollm2(tmp_path):
     kl, widths = {}, {}
     for mode in ("uniform", "measured"):
         opt = ConvertOptions(kv_ratio=2.0, layer_widths=mode, calib_text="wiki", calib_tokens=4096,
-                             measure_window=512, measure_windows=2)
+                             calib_window=512, measure_window=512, measure_windows=2)
         report = convert("smollm2-135m", tmp_path / mode, opt, progress=False)
         widths[mode] = (report["key_rank"], report["value_rank"])
         with torch.no_grad():
