@@ -20,17 +20,11 @@ from pathlib import Path
 
 from tucker_eval.long_context import long_context_eval
 from tucker_serve.long_context import LENGTHS
-from tucker_serve.model_cache import at_spec, tucker_model
+from tucker_serve.model_cache import row_folder
 from tucker_serve.options import listing
-from tucker_serve.sources import DEFAULT_MODEL, resolve
+from tucker_serve.sources import DEFAULT_MODEL
 
 ROWS = ("source/auto", "source/fp8", "full/auto", "1.2/auto", "1.2/fp8", "1.5/auto", "2/auto")
-
-
-def folder_of(source: str, model: str) -> str:
-    if model == "source":
-        return str(resolve(source).folder)
-    return str(tucker_model(source, at_spec(model), progress=False))
 
 
 def table(rows: list[dict]) -> str:
@@ -67,7 +61,7 @@ def main() -> None:
         if saved.is_file():
             rows.append(json.loads(saved.read_text()))
             continue
-        row = long_context_eval(folder_of(args.source, model), cache or "auto", args.lengths, args.trials,
+        row = long_context_eval(str(row_folder(args.source, model)), cache or "auto", args.lengths, args.trials,
                                 windows=args.windows)
         row["row_model"] = model
         saved.write_text(json.dumps(row, indent=2))

@@ -77,3 +77,11 @@ def at_spec(spec: str) -> ConvertOptions:
             raise ValueError(f"{spec!r}: {item!r} is not OPTION=VALUE of a convert option ({', '.join(declared)})")
         changes[name] = declared[name].metadata["kind"](value)
     return replace(opt, **changes)
+
+
+def row_folder(source: str, model: str, progress: bool = False) -> Path:
+    """The folder of a benchmark row's model: `source` itself, or `source` converted by at_spec(model)
+    (cached as `tucker-serve serve` caches conversions)."""
+    if model == "source":
+        return resolve(source).folder
+    return tucker_model(source, at_spec(model), progress=progress)

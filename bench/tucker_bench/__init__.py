@@ -1,6 +1,6 @@
 """`tucker-serve bench`: the source model and its Tucker conversions, each with a 16-bit and an fp8 KV
-cache, measured in one run through real vLLM engines (`engine`); optionally load on the HTTP server
-(`serving`). Writes results.json, results.md and PNG plots (`report`).
+cache, measured in one run through real vLLM engines (`engine`). Writes results.json, results.md and PNG
+plots (`report`). Serving under load is bench/serving.py (`serving`).
 
 Per row (model x cache dtype): tokens per GiB as vLLM allocates them, compression against the
 source's bf16 cache, wiki and news perplexity and chat fidelity (question set, teacher-forced
@@ -44,10 +44,6 @@ class BenchOptions:
     eager: bool = option(True, flag, "engines in vLLM's torch.compile mode instead of eager mode",
                          flag_name="--compile")
     out: Path = option(Path("runs/bench"), Path, "folder for results.json, results.md and plots", required=True)
-    serving: bool = option(False, flag, "also load the HTTP server with vLLM's benchmark client (source vs one "
-                                        "ratio)")
-    serving_ratio: float = option(2.0, float, "the Tucker ratio the serving benchmark compares with the source "
-                                              "(the last of --kv-ratios when that one is not measured)")
     resume: bool = option(False, flag, "keep the rows an interrupted run with the same options measured "
                                        "(out/rows.partial.json)")
 
@@ -207,11 +203,6 @@ def run(opt: BenchOptions, progress: bool = True) -> dict:
             measure(row, opt, chat_set, windows, bar)
             partial.save(row)
     result = summarize(found, opt)
-    if opt.serving:
-        from tucker_bench.serving import serving_benchmark
-
-        tucker = next((r for r in found if r.name == f"tucker {opt.serving_ratio:g}x"), found[-1])
-        result["serving"] = serving_benchmark(found[0], tucker, opt)
     (opt.out / "results.json").write_text(json.dumps(result, indent=2, default=str))
     (opt.out / "results.md").write_text(tables(result))
     plots(result, opt.out)

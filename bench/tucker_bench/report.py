@@ -23,10 +23,6 @@ def tables(result: dict) -> str:
             cells += [f"{c['correct']}/{c['questions']}", f"{c['agreement']:.3f}", f"{c['same_answer_as_source']:.0%}"]
         cells += [f"{d['tokens_per_s']:.1f} ({d['speed_vs_source']:.2f})" for d in r["decode"]]
         out.append("| " + " | ".join(cells) + " |")
-    if "serving" in result:
-        from tucker_bench.serving import serving_table
-
-        out += ["", serving_table(result["serving"])]
     return "\n".join(out) + "\n"
 
 
