@@ -81,3 +81,22 @@ def test_layout_of_a_source_config_is_its_gqa_or_mla_cache():
     mla = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "kv_lora_rank": 512,
            "qk_rope_head_dim": 64}
     assert cl.model_layout(mla, "bfloat16").width == 576
+
+
+def test_folded_attention_weights_are_what_the_serving_fold_builds():
+    import torch
+
+    from tucker_serve.fold import fold_output, fold_query
+
+    d, heads, r2, r3, rt2, rt3 = 48, 4, 48, 10, 48, 6
+    query, _ = fold_query(torch.randn(r2, d), None, torch.randn(heads, r2, r3), block=False)
+    output = fold_output(torch.randn(d, rt2), torch.randn(heads, rt2, rt3), block=False)
+    latent_maps = r3 * d + rt3 * d  # the latent key and value rows of the QKV projection
+    assert cl.folded_attention_params(d, heads, r3, rt3) == query.numel() + output.numel() + latent_maps
+    assert cl.folded_attention_params(d, heads, r3, r3, shared_latent=True) == d * (2 * heads * r3 + r3)
+    # Llama-3-8B at 2x: each head's query and output are 512 wide instead of 128
+    assert cl.folded_attention_params(4096, 32, 512, 512) == 4096 * (2 * 32 * 512 + 1024)
+
+
+def test_a_decode_step_reads_the_weights_once_and_every_sequences_cache():
+    assert cl.decode_bytes_per_step(1000, 10, context=50, batch=4) == 1000 + 4 * 50 * 10

@@ -90,6 +90,20 @@ def tucker_params(hidden: int, num_heads: int, ranks, post_ranks=None, shared_la
     return pre + post
 
 
+def folded_attention_params(hidden: int, num_heads: int, r3: int, rt3: int, shared_latent: bool = False) -> int:
+    """Attention weights as the plugin serves them (tucker_serve/fold.py, no biases): one QKV projection
+    d -> H r3 + r3 + rt3 (each head's query in the latent, the latent key and value) and the output
+    projection H rt3 -> d. Each head's query and output are r3 (rt3) wide where the source's are
+    head_dim: at 2x on Llama-3-8B (r3 = 512, head_dim 128) that is 4x the source's Wq and Wo."""
+    return hidden * (num_heads * r3 + r3 + (0 if shared_latent else rt3) + num_heads * rt3)
+
+
+def decode_bytes_per_step(weight_bytes: float, kv_bytes_per_token: float, context: int, batch: int) -> float:
+    """Bytes one decode step reads when memory bandwidth bounds it: every weight once (shared by the
+    batch) and each sequence's whole cache (`context` tokens)."""
+    return weight_bytes + batch * context * kv_bytes_per_token
+
+
 def param_bytes(params_per_layer: int, num_layers: int, dtype) -> int:
     """Bytes of attention weights over the model."""
     return params_per_layer * num_layers * dtype_bytes(dtype)
