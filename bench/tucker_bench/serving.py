@@ -263,7 +263,7 @@ def serving_plot(result: dict, path: Path) -> None:
         style = "--" if r["cache_dtype"].startswith("fp8") else "-"
         lines.plot([s["t"] for s in r["samples"]], [s["running"] for s in r["samples"]], style, color=color,
                    label=f"{r['variant']} {r['cache_dtype']}")
-    lines.set(xlabel="seconds since the first request", ylabel="requests running in vLLM")
+    lines.set(xlabel="seconds since the benchmark client started", ylabel="requests running in vLLM")
     lines.legend(fontsize=7)
     for ax in (bars, lines):
         ax.grid(alpha=0.3)
