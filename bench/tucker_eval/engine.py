@@ -11,8 +11,9 @@ from pathlib import Path
 
 
 def start_engine(folder: Path, name: str, max_len: int, kv_cache_gb: float, dtype: str = "bfloat16",
-                 kv_cache_dtype: str = "auto", eager: bool = True):
-    """vLLM's AsyncLLM on a model folder (no prefix caching: every measurement computes)."""
+                 kv_cache_dtype: str = "auto", eager: bool = True, tokenizer: bool = True):
+    """vLLM's AsyncLLM on a model folder (no prefix caching: every measurement computes); without
+    `tokenizer` the folder needs none and prompts are token ids only."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -22,7 +23,7 @@ def start_engine(folder: Path, name: str, max_len: int, kv_cache_gb: float, dtyp
     args = AsyncEngineArgs(model=str(folder), served_model_name=[name], dtype=dtype, max_model_len=max_len,
                            enforce_eager=eager, kv_cache_memory_bytes=int(kv_cache_gb * 2**30), seed=0,
                            enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype, max_logprobs=1,
-                           disable_log_stats=True)
+                           disable_log_stats=True, skip_tokenizer_init=not tokenizer)
     return AsyncLLM.from_engine_args(args)
 
 
