@@ -1,9 +1,13 @@
-"""The one home of cached conversions: folder names say what a folder holds, and a built model is reused."""
+"""The one home of cached conversions: folder names say what a folder holds, and a built model is reused
+only when it was converted with the same options."""
 
 import pytest
 
 from tucker_serve.convert import ConvertOptions
-from tucker_serve.model_cache import at_ratio, at_spec, tucker_model, tucker_name
+import json
+
+from tucker_serve.convert import options_record
+from tucker_serve.model_cache import at_ratio, at_spec, built_with_other_options, tucker_model, tucker_name
 
 
 def test_names_carry_ratio_options_and_healing():
@@ -24,6 +28,22 @@ def test_benchmark_rows_name_ratio_widths_and_any_convert_option():
     for bad in ("2+copy_window", "2+nonsense=1"):
         with pytest.raises(ValueError, match="is not OPTION=VALUE of a convert option"):
             at_spec(bad)
+
+
+def test_a_folder_built_under_another_default_is_not_reused(tmp_path):
+    opt = ConvertOptions(kv_ratio=1.2)
+    folder = tmp_path / tucker_name("src", opt)
+    assert built_with_other_options(folder, opt) == ""  # nothing built yet
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "tucker_report.json").write_text(json.dumps({"source": "src"}))  # written before options were recorded
+    assert built_with_other_options(folder, opt) == "its report does not record them"
+    older = options_record(opt) | {"calib_window": 512}  # the same name, built when the default window was 512
+    (folder / "tucker_report.json").write_text(json.dumps({"options": older}))
+    assert tucker_name("src", opt) == folder.name
+    assert built_with_other_options(folder, opt) == "calib_window: 512 -> 4096"
+    (folder / "tucker_report.json").write_text(json.dumps({"options": options_record(opt)}))
+    assert built_with_other_options(folder, opt) is None
 
 
 @pytest.mark.slow

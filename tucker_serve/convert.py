@@ -9,8 +9,9 @@ each head's output map is then fitted by least squares on its calibrated attenti
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -296,6 +297,12 @@ def layer_widths(model, ids: torch.Tensor, stats: list[LayerStats], s: Attention
     return choose(costs, len(layers) * sum(uniform), full), rows
 
 
+def options_record(opt: ConvertOptions) -> dict:
+    """Every convert option as the report records it (JSON values): what the model cache compares
+    before reusing a folder, so that a changed default never passes for the old one."""
+    return json.loads(json.dumps(asdict(opt), default=str))
+
+
 def build_report(spec, s, r3s, rt3s, opt, texts, tokens, window, rows, seconds) -> dict:
     layout = cl.MemoryLayout(tuple(cl.tucker_kv_width(a, b) for a, b in zip(r3s, rt3s)), s.kv_width, opt.dtype)
     return {
@@ -311,5 +318,6 @@ def build_report(spec, s, r3s, rt3s, opt, texts, tokens, window, rows, seconds) 
                         "layer_widths": opt.layer_widths,
                         **({"copy_window": opt.copy_window} if opt.copy_window else {})},
         "seconds": round(seconds, 1),
+        "options": options_record(opt),
         "layers": rows,
     }

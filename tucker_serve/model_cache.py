@@ -14,7 +14,7 @@ import shutil
 from dataclasses import fields, replace
 from pathlib import Path
 
-from tucker_serve.convert import ConvertOptions, convert
+from tucker_serve.convert import ConvertOptions, convert, options_record
 from tucker_serve.paths import cache_dir
 from tucker_serve.sources import resolve
 
@@ -44,18 +44,36 @@ def tucker_model(spec: str, opt: ConvertOptions, heal_minutes: float = 0.0, root
 
     source = resolve(spec)
     folder = Path(root or cache_dir() / "models") / tucker_name(source.folder.name, opt, heal_minutes)
-    if (folder / "model.safetensors").is_file():
+    stale = built_with_other_options(folder, opt)
+    if stale is None:
         return folder
     converted = folder.with_name(f"{folder.name}.converted") if heal_minutes else folder
-    if progress:
+    if stale:
+        print(f"rebuilding {folder.name}: it was built with other convert options ({stale})", flush=True)
+    elif progress:
         print(f"building {folder.name}: {spec} converted to Tucker attention"
               + (f", then healed for {heal_minutes:g} CPU-minutes" if heal_minutes else "") + " (once)", flush=True)
-    if not (converted / "model.safetensors").is_file():
+    if built_with_other_options(converted, opt) is not None:
         convert(spec, converted, opt, progress=progress)
     if heal_minutes:
         heal(converted, folder, HealOptions(minutes=heal_minutes, eval_tokens=0), progress=progress)
         shutil.rmtree(converted, ignore_errors=True)
     return folder
+
+
+def built_with_other_options(folder: Path, opt: ConvertOptions) -> str | None:
+    """None when `folder` holds a model converted with exactly `opt` (its report records every
+    option); otherwise "" for no model, or which options differ. Names carry only the options that
+    differ from the defaults, so a folder built before a default changed has the same name."""
+    if not (folder / "model.safetensors").is_file():
+        return ""
+    report = folder / "tucker_report.json"
+    recorded = json.loads(report.read_text()).get("options") if report.is_file() else None
+    if recorded is None:
+        return "its report does not record them"
+    wanted = options_record(opt)
+    differ = sorted(k for k in wanted.keys() | recorded.keys() if wanted.get(k) != recorded.get(k))
+    return ", ".join(f"{k}: {recorded.get(k)!r} -> {wanted.get(k)!r}" for k in differ) or None
 
 
 def at_ratio(ratio: float) -> ConvertOptions:
