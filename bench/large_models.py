@@ -82,7 +82,6 @@ def decode_rows() -> list[dict]:
                     for batch in BATCHES:
                         step = cl.decode_bytes_per_step(w["read_per_step"], m["layers"] * kv_layer, context, batch)
                         rate = BANDWIDTH * batch / step
-                        key = (dtype, context, batch)
                         if v["model"] == "source" and dtype == WEIGHTS:
                             base[context, batch] = rate
                         out.append({"model": name, "variant": v["model"], "cache_dtype": dtype, "context": context,
@@ -90,7 +89,7 @@ def decode_rows() -> list[dict]:
                                     "kv_bytes_per_token_per_layer": kv_layer,
                                     "bytes_per_decoded_token_per_layer": w["layer"] / batch + context * kv_layer,
                                     "fits": batch * context * m["layers"] * kv_layer <= budget,
-                                    "tokens_per_s_bound": rate, "vs_source_bf16": rate / base[key[1:]]})
+                                    "tokens_per_s_bound": rate, "vs_source_bf16": rate / base[context, batch]})
     return out
 
 
