@@ -297,9 +297,10 @@ def layer_widths(model, ids: torch.Tensor, stats: list[LayerStats], s: Attention
     return choose(costs, len(layers) * sum(uniform), full), rows
 
 
-def options_record(opt: ConvertOptions) -> dict:
-    """Every convert option as the report records it (JSON values): what the model cache compares
-    before reusing a folder, so that a changed default never passes for the old one."""
+def options_record(opt) -> dict:
+    """Every option of a convert (or heal) options dataclass as the report records it (JSON values):
+    what the model cache compares before reusing a folder, so that a changed default never passes
+    for the old one."""
     return json.loads(json.dumps(asdict(opt), default=str))
 
 

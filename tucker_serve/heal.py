@@ -8,8 +8,11 @@ the share of training windows drawn from the chats (0: text only, 1: chats only)
 Two phases:
 1. local: each layer's Tucker attention learns to reproduce the source attention's output on the
    source model's own activations (cached once; cheap, no LM head, layers independent);
-2. global: KL(source || Tucker) over the full vocabulary at every position of random windows,
-   for the rest of the step or time budget, everything but the attention factors frozen.
+2. global: KL(source || Tucker) at every position of training windows, for the rest of the step
+   or time budget, everything but the attention factors frozen. The source's outputs on a pool of
+   windows are computed once (top-k log-probs, kept in the cache folder for later runs;
+   `tucker_serve.teacher`) and training passes over the pool; with `teacher_windows=0` the source
+   runs on every step's fresh windows instead (full-vocabulary KL).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from tucker_serve.model import TuckerLlama
 from tucker_serve.cache_dtypes import rounding_dtypes
 from tucker_serve.checkpoint import ModelError, read_config, write_folder
 from tucker_serve.options import cite, invalid, option
+from tucker_serve.teacher import TeacherTargets, pool_path, topk_kl
 from tucker_serve.sources import load_hf_model, load_tokenizer, resolve
 from tucker_serve.text import load_text, text_tokens
 
@@ -59,6 +63,11 @@ class HealOptions:
                                      "(0: text only, 1: chats only)")
     chat_prompts: int = option(120, int, "passage prompts besides the written instructions")
     answer_tokens: int = option(96, int, "longest source answer generated per prompt")
+    # The source's outputs, computed once for a pool of windows instead of a teacher forward per step.
+    teacher_windows: int = option(512, int, "training windows whose source outputs are computed once (kept in the "
+                                            "cache folder) and reused; 0: run the source on every step")
+    teacher_top: int = 64  # the source's most likely tokens kept per position (the rest: one bucket)
+    teacher_share: float = 0.25  # with a minute budget, the most of it computing the pool may take
     eval_text: str = "wiki"
     eval_tokens: int = 8192
     source: str | None = option(None, str, "source model", shown="the one recorded at conversion")
@@ -76,11 +85,11 @@ class Windows:
         self.streams = [s for s in (text, chats) if s is not None]
         self.share = chat_share if chats is not None else 0.0
 
-    def sample(self, count: int, length: int) -> torch.Tensor:
+    def sample(self, count: int, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
         rows = []
         for _ in range(count):
-            stream = self.streams[-1] if torch.rand(()) < self.share else self.streams[0]
-            start = int(torch.randint(0, stream.numel() - length, ()))
+            stream = self.streams[-1] if torch.rand((), generator=generator) < self.share else self.streams[0]
+            start = int(torch.randint(0, stream.numel() - length, (), generator=generator))
             rows.append(stream[start: start + length])
         return torch.stack(rows)
 
@@ -189,7 +198,11 @@ def local_phase(student: TuckerLlama, teacher, windows: Windows, opt: HealOption
             for i, (b, a, n) in enumerate(errors)]
 
 
-def global_phase(student, teacher, windows: Windows, opt: HealOptions, deadline: float | None, progress: bool):
+def global_phase(student, teacher, windows: Windows, opt: HealOptions, deadline: float | None, progress: bool,
+                 targets: TeacherTargets | None = None):
+    """KL steps until the budget ends: batches from the pool of `targets`, or fresh windows with a
+    teacher forward each when there is none."""
+    order = torch.Generator().manual_seed(opt.seed + 1)
     params = [p for block in student.model.layers for p in attention_params(block.self_attn)]
     optimizer = relative_adam(params, opt.lr)
     start, step, losses = time.time(), 0, []
@@ -199,11 +212,15 @@ def global_phase(student, teacher, windows: Windows, opt: HealOptions, deadline:
     student.train()
     while (done := budget_used(step, opt.steps, start, budget)) < 1:
         set_schedule(optimizer, done)
-        batch = windows.sample(opt.batch, opt.seq)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opt.bf16):
-            with torch.no_grad():
-                target = teacher(batch).logits
-            loss = kl_loss(student(batch), target)
+            if targets is not None:
+                batch, top_logp, top_ids = targets.sample(opt.batch, order)
+                loss = topk_kl(student(batch), top_logp, top_ids)
+            else:
+                batch = windows.sample(opt.batch, opt.seq)
+                with torch.no_grad():
+                    target = teacher(batch).logits
+                loss = kl_loss(student(batch), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -250,18 +267,23 @@ def heal(model_dir, out_dir, opt: HealOptions, progress: bool = True) -> dict:
         chats = source_chats(teacher, tokenizer, source.folder, opt.chat_prompts, opt.answer_tokens, progress)
     windows = Windows(tokens, chats, opt.chat)
     chat_minutes = (time.time() - start) / 60
+    targets, reused = teacher_pool(teacher, windows, source.folder, opt, deadline, progress)
+    teacher_minutes = (time.time() - start) / 60 - chat_minutes
     local_deadline = None if deadline is None else time.time() + opt.local_share * (deadline - time.time())
     wanted = opt.local_steps > 0 and (deadline is None or opt.local_share > 0)
     local = local_phase(student, teacher, windows, opt, local_deadline, progress) if wanted else []
-    local_minutes = (time.time() - start) / 60 - chat_minutes
-    steps, losses = global_phase(student, teacher, windows, opt, deadline, progress)
+    local_minutes = (time.time() - start) / 60 - chat_minutes - teacher_minutes
+    steps, losses = global_phase(student, teacher, windows, opt, deadline, progress, targets)
     minutes = (time.time() - start) / 60
-    kl_minutes = max(minutes - local_minutes - chat_minutes, 1e-6)
+    kl_minutes = max(minutes - local_minutes - chat_minutes - teacher_minutes, 1e-6)
     after = perplexity(student, eval_windows, progress=False) if eval_windows is not None else None
     report["healing"] = {
         **{k: v for k, v in asdict(opt).items() if k != "source"},
         "source": source.spec, "chat_answer_minutes": round(chat_minutes, 2),
         "chat_tokens": 0 if chats is None else chats.numel(), "local_minutes": round(local_minutes, 2),
+        "teacher_minutes": round(teacher_minutes, 2), "teacher_pool": len(targets) if targets else 0,
+        "teacher_pool_reused": reused,  # windows whose source outputs an earlier run had computed
+        "teacher_passes": round(steps * opt.batch / len(targets), 2) if targets else None,
         "global_steps": steps,
         "minutes_done": round(minutes, 2), "tokens_trained": steps * opt.batch * opt.seq,
         "kl_minutes": round(kl_minutes, 2),  # the KL phase alone: its rate of steps and tokens
@@ -274,6 +296,24 @@ def heal(model_dir, out_dir, opt: HealOptions, progress: bool = True) -> dict:
     }
     save_folder(student, folder.folder, Path(out_dir), report)
     return report
+
+
+def teacher_pool(teacher, windows: Windows, source_folder: Path, opt: HealOptions, deadline: float | None,
+                 progress: bool) -> tuple[TeacherTargets | None, int]:
+    """The pool of training windows with the source's outputs (None with teacher_windows=0), and how
+    many of them were read back from the cache folder. With steps, no more windows than the steps
+    use; with minutes, computing stops at teacher_share of the budget."""
+    if opt.teacher_windows <= 0:
+        return None, 0
+    count = opt.teacher_windows if opt.steps is None else min(opt.teacher_windows, opt.steps * opt.batch)
+    # The pool's windows come from their own seeded generator: a longer pool extends a shorter one.
+    pool = windows.sample(count, opt.seq, torch.Generator().manual_seed(opt.seed))
+    key = {"text": opt.text, "chat": windows.share, "chat_prompts": opt.chat_prompts,
+           "answer_tokens": opt.answer_tokens, "seq": opt.seq, "seed": opt.seed, "bf16": opt.bf16,
+           "streams": [s.numel() for s in windows.streams]}
+    stop = None if deadline is None else time.time() + opt.teacher_share * (deadline - time.time())
+    return TeacherTargets.build(teacher, pool, opt.teacher_top, pool_path(source_folder, key), batch=opt.batch,
+                                bf16=opt.bf16, deadline=stop, progress=progress)
 
 
 def save_folder(model: TuckerLlama, src: Path, dest: Path, report: dict) -> None:

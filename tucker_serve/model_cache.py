@@ -44,27 +44,29 @@ def tucker_model(spec: str, opt: ConvertOptions, heal_minutes: float = 0.0, root
 
     source = resolve(spec)
     folder = Path(root or cache_dir() / "models") / tucker_name(source.folder.name, opt, heal_minutes)
-    stale = built_with_other_options(folder, opt)
+    healing = HealOptions(minutes=heal_minutes, eval_tokens=0) if heal_minutes else None
+    stale = built_with_other_options(folder, opt, healing)
     if stale is None:
         return folder
     converted = folder.with_name(f"{folder.name}.converted") if heal_minutes else folder
     if stale:
-        print(f"rebuilding {folder.name}: it was built with other convert options ({stale})", flush=True)
+        print(f"rebuilding {folder.name}: it was built with other options ({stale})", flush=True)
     elif progress:
         print(f"building {folder.name}: {spec} converted to Tucker attention"
               + (f", then healed for {heal_minutes:g} CPU-minutes" if heal_minutes else "") + " (once)", flush=True)
     if built_with_other_options(converted, opt) is not None:
         convert(spec, converted, opt, progress=progress)
     if heal_minutes:
-        heal(converted, folder, HealOptions(minutes=heal_minutes, eval_tokens=0), progress=progress)
+        heal(converted, folder, healing, progress=progress)
         shutil.rmtree(converted, ignore_errors=True)
     return folder
 
 
-def built_with_other_options(folder: Path, opt: ConvertOptions) -> str | None:
+def built_with_other_options(folder: Path, opt: ConvertOptions, healing=None) -> str | None:
     """None when `folder` holds a model converted with exactly `opt` (its report records every
-    option); otherwise "" for no model, or which options differ. Names carry only the options that
-    differ from the defaults, so a folder built before a default changed has the same name."""
+    option) and, given `healing` (HealOptions), healed with exactly those; otherwise "" for no model,
+    or which options differ. Names carry only the options that differ from the defaults (and the
+    healing minutes), so a folder built before a default changed has the same name."""
     if not (folder / "model.safetensors").is_file():
         return ""
     report = folder / "tucker_report.json"
@@ -72,8 +74,13 @@ def built_with_other_options(folder: Path, opt: ConvertOptions) -> str | None:
     if recorded is None:
         return "its report does not record them"
     wanted = options_record(opt)
-    differ = sorted(k for k in wanted.keys() | recorded.keys() if wanted.get(k) != recorded.get(k))
-    return ", ".join(f"{k}: {recorded.get(k)!r} -> {wanted.get(k)!r}" for k in differ) or None
+    differ = [(k, recorded.get(k), wanted.get(k)) for k in sorted(wanted.keys() | recorded.keys())
+              if wanted.get(k) != recorded.get(k)]
+    if healing is not None:  # the healing report records every heal option but the source
+        healed = json.loads(report.read_text()).get("healing", {})
+        wanted = {k: v for k, v in options_record(healing).items() if k != "source"}
+        differ += [(f"healing {k}", healed.get(k), v) for k, v in sorted(wanted.items()) if healed.get(k) != v]
+    return ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in differ) or None
 
 
 def at_ratio(ratio: float) -> ConvertOptions:
