@@ -57,7 +57,12 @@ def test_quick_bench_reports_capacity_quality_and_speed_per_cache_dtype(converte
     assert source["decode"][0]["speed_vs_source"] == 1
     assert tucker["decode"][0]["speed_vs_source"] == pytest.approx(
         tucker["decode"][0]["tokens_per_s"] / source["decode"][0]["tokens_per_s"])
+    # the pass-key columns: one case per haystack at 1,024 tokens, the same cases for every row
+    assert all(r["long_context"]["cases"] == 2 and set(r["long_context"]["by_haystack"]) == {"wiki", "filler"}
+               for r in rows.values())
+    assert source["long_context"]["found"] == 2  # the source finds both keys at 1k (docs/quality.md: 16 of 16)
     assert "| tucker 2x | fp8 | 5,760 |" in (out / "results.md").read_text()
+    assert "pass keys 1024" in (out / "results.md").read_text()
     assert_frontier_plot(out / "frontier.png", panels=2 if "chat" in source else 1, points=len(rows))
 
     # every measured row was kept as it finished; --resume reads them back instead of measuring again

@@ -4,9 +4,10 @@ plots (`report`). Serving under load is bench/serving.py (`serving`).
 
 Per row (model x cache dtype): tokens per GiB as vLLM allocates them, compression against the
 source's bf16 cache, wiki and news perplexity and chat fidelity (question set, teacher-forced
-agreement with the source's answers, answers equal to the source's), all through the served path,
-and decode tokens/s at each context relative to the source with the same weights dtype and a
-16-bit cache.
+agreement with the source's answers, answers equal to the source's), pass keys found in long
+prompts (`tucker_serve.long_context`, the cases of `tucker-serve eval --long`), all through the
+served path, and decode tokens/s at each context relative to the source with the same weights
+dtype and a 16-bit cache.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class BenchOptions:
     kv_cache_gb: float = option(1.0, float, "cache budget in GiB for every engine")
     ppl_tokens: int = 16384
     chat: bool = option(True, flag, "skip the chat-fidelity columns", flag_name="--no-chat")
+    long_lengths: tuple[int, ...] = option((1024, 2048, 4096), listing(int), "prompt tokens of the pass-key "
+                                                                             'columns, comma-separated ("" = none)')
+    long_trials: int = option(4, int, "pass-key cases per haystack (wiki text, filler) and length")
     eager: bool = option(True, flag, "engines in vLLM's torch.compile mode instead of eager mode",
                          flag_name="--compile")
     out: Path = option(Path("runs/bench"), Path, "folder for results.json, results.md and plots", required=True)
@@ -50,7 +54,8 @@ class BenchOptions:
     @classmethod
     def quick(cls, **kw) -> "BenchOptions":
         return cls(**{"kv_ratios": (2.0,), "contexts": (256,), "batch": 4, "new_tokens": 16, "kv_cache_gb": 0.25,
-                      "ppl_tokens": 2048, "chat": False, **kw})
+                      "ppl_tokens": 2048, "chat": False,
+                      "long_lengths": (1024,), "long_trials": 1, **kw})
 
 
 @dataclass
@@ -82,13 +87,15 @@ def rows(opt: BenchOptions, progress: bool) -> list[Row]:
     return [Row(name, folder, dtype, name == "source") for name, folder in models for dtype in opt.cache_dtypes]
 
 
-def measure(row: Row, opt: BenchOptions, chat_set, windows: dict, bar) -> None:
+def measure(row: Row, opt: BenchOptions, chat_set, windows: dict, cases: list, bar) -> None:
     """Everything about one row, on one engine."""
     from tucker_bench import engine as e
     from tucker_eval import engine as served
+    from tucker_serve import long_context as lc
     from tucker_serve.sources import load_tokenizer
 
-    max_len = max(max(opt.contexts) + opt.new_tokens, 1024, chat_set["longest"] if chat_set else 0) + 8
+    max_len = max(max(opt.contexts) + opt.new_tokens, 1024, chat_set["longest"] if chat_set else 0,
+                  *opt.long_lengths) + 8
     llm = served.start_engine(row.folder, row.name, max_len, opt.kv_cache_gb, opt.dtype, row.cache_dtype, opt.eager)
     vocab = len(load_tokenizer(row.folder))
     try:
@@ -104,6 +111,12 @@ def measure(row: Row, opt: BenchOptions, chat_set, windows: dict, bar) -> None:
                 answers = await served.served_answers(llm, chat_set["prompts"], chat_set["max_tokens"])
                 r["chat"] = chat_scores(answers, chat_set)
                 r["chat"]["agreement"] = await served.served_agreement(llm, chat_set["pairs"])
+                bar.update(1)
+            if cases:
+                answers = await served.served_answers(llm, [list(c.prompt_ids) for c in cases], lc.ANSWER_TOKENS)
+                tokenizer = load_tokenizer(row.folder)
+                text = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+                r["long_context"] = lc.retrieval_summary(cases, text)
                 bar.update(1)
             await e.decode_rate(llm, vocab, 1, 16, 4, seed=0)  # warm-up
             r["decode"] = []
@@ -153,13 +166,30 @@ def text_windows_of(opt: BenchOptions) -> dict[str, list[list[int]]]:
             for text in ("wiki", "news")}
 
 
+def long_cases_of(opt: BenchOptions) -> list:
+    """The pass-key cases every row answers (none without lengths or without a chat template)."""
+    from tucker_serve import long_context as lc
+    from tucker_serve.chat import can_chat
+    from tucker_serve.checkpoint import read_config
+    from tucker_serve.sources import load_tokenizer, resolve
+
+    source = resolve(opt.model)
+    limit = read_config(source.folder).get("max_position_embeddings")
+    if limit and max(opt.long_lengths, default=0) > limit:
+        raise ValueError(f"pass-key lengths {list(opt.long_lengths)} exceed {opt.model}'s context of {limit} tokens")
+    tokenizer = load_tokenizer(source.folder)
+    if not opt.long_lengths or not can_chat(tokenizer, source.folder.name, "no pass-key columns"):
+        return []
+    return lc.retrieval_cases(tokenizer, opt.long_lengths, opt.long_trials)
+
+
 class Partial:
     """Rows measured so far, in out/rows.partial.json after each row, so that a crash loses at most
     one row. With `resume`, rows measured earlier with the same options are read back instead of
     measured again (their speeds then come from another run than the rest)."""
 
     KEEP = ("model", "cache_dtypes", "dtype", "contexts", "batch", "new_tokens", "kv_cache_gb", "ppl_tokens",
-            "chat", "eager")
+            "chat", "long_lengths", "long_trials", "eager")
 
     def __init__(self, opt: BenchOptions) -> None:
         self.path = opt.out / "rows.partial.json"
@@ -191,8 +221,8 @@ def run(opt: BenchOptions, progress: bool = True) -> dict:
         raise ValueError("bench needs at least one cache dtype and one context")
     opt.out.mkdir(parents=True, exist_ok=True)
     found = rows(opt, progress)
-    chat_set, windows = chat_set_of(opt), text_windows_of(opt)
-    steps = len(windows) + bool(chat_set) + len(opt.contexts)
+    chat_set, windows, cases = chat_set_of(opt), text_windows_of(opt), long_cases_of(opt)
+    steps = len(windows) + bool(chat_set) + bool(cases) + len(opt.contexts)
     partial = Partial(opt)
     with tqdm(total=steps * len(found), desc="bench", unit="step", disable=not progress) as bar:
         for row in found:
@@ -200,7 +230,7 @@ def run(opt: BenchOptions, progress: bool = True) -> dict:
             if partial.restore(row):
                 bar.update(steps)
                 continue
-            measure(row, opt, chat_set, windows, bar)
+            measure(row, opt, chat_set, windows, cases, bar)
             partial.save(row)
     result = summarize(found, opt)
     (opt.out / "results.json").write_text(json.dumps(result, indent=2, default=str))
