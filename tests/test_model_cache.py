@@ -6,7 +6,7 @@ import pytest
 from tucker_serve.convert import ConvertOptions
 import json
 
-from tucker_serve.convert import options_record
+from tucker_serve.options import options_record
 from tucker_serve.model_cache import at_ratio, at_spec, built_with_other_options, tucker_model, tucker_name
 
 

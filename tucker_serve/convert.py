@@ -9,9 +9,8 @@ each head's output map is then fitted by least squares on its calibrated attenti
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from tucker_serve.calibrate import AttentionShape, LayerStats, collect
 from tucker_serve.chat import can_chat, source_chats
 from tucker_serve.rope import basis_freqs, complex_basis_map
 from tucker_serve.checkpoint import ModelError, converted_config, one_or_list, write_folder
-from tucker_serve.options import cite, flag, invalid, option
+from tucker_serve.options import cite, flag, invalid, option, options_record
 from tucker_serve.sources import load_hf_model, load_tokenizer, resolve
 from tucker_serve.text import text_tokens
 
@@ -295,13 +294,6 @@ def layer_widths(model, ids: torch.Tensor, stats: list[LayerStats], s: Attention
     rows = [{k: v for name, part in parts.items() for k, v in part[i].row(name).items()} for i in range(len(layers))]
     choose = allocate_equal if opt.layer_widths == "measured-equal" else allocate
     return choose(costs, len(layers) * sum(uniform), full), rows
-
-
-def options_record(opt) -> dict:
-    """Every option of a convert (or heal) options dataclass as the report records it (JSON values):
-    what the model cache compares before reusing a folder, so that a changed default never passes
-    for the old one."""
-    return json.loads(json.dumps(asdict(opt), default=str))
 
 
 def build_report(spec, s, r3s, rt3s, opt, texts, tokens, window, rows, seconds) -> dict:

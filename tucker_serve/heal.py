@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ from tucker_serve.evaluate import perplexity, text_windows
 from tucker_serve.model import TuckerLlama
 from tucker_serve.cache_dtypes import rounding_dtypes
 from tucker_serve.checkpoint import ModelError, read_config, write_folder
-from tucker_serve.options import cite, invalid, option
+from tucker_serve.options import cite, invalid, option, options_record
 from tucker_serve.teacher import TeacherTargets, pool_path, topk_kl
 from tucker_serve.sources import load_hf_model, load_tokenizer, resolve
 from tucker_serve.text import load_text, text_tokens
@@ -278,8 +278,7 @@ def heal(model_dir, out_dir, opt: HealOptions, progress: bool = True) -> dict:
     kl_minutes = max(minutes - local_minutes - chat_minutes - teacher_minutes, 1e-6)
     after = perplexity(student, eval_windows, progress=False) if eval_windows is not None else None
     report["healing"] = {
-        **{k: v for k, v in asdict(opt).items() if k != "source"},
-        "source": source.spec, "chat_answer_minutes": round(chat_minutes, 2),
+        **healing_record(opt), "source": source.spec, "chat_answer_minutes": round(chat_minutes, 2),
         "chat_tokens": 0 if chats is None else chats.numel(), "local_minutes": round(local_minutes, 2),
         "teacher_minutes": round(teacher_minutes, 2), "teacher_pool": len(targets) if targets else 0,
         "teacher_pool_reused": reused,  # windows whose source outputs an earlier run had computed
@@ -296,6 +295,11 @@ def heal(model_dir, out_dir, opt: HealOptions, progress: bool = True) -> dict:
     }
     save_folder(student, folder.folder, Path(out_dir), report)
     return report
+
+
+def healing_record(opt: HealOptions) -> dict:
+    """The heal options a healed folder's report records (the source is recorded resolved, apart)."""
+    return {k: v for k, v in options_record(opt).items() if k != "source"}
 
 
 def teacher_pool(teacher, windows: Windows, source_folder: Path, opt: HealOptions, deadline: float | None,

@@ -14,7 +14,8 @@ import shutil
 from dataclasses import fields, replace
 from pathlib import Path
 
-from tucker_serve.convert import ConvertOptions, convert, options_record
+from tucker_serve.convert import ConvertOptions, convert
+from tucker_serve.options import options_record
 from tucker_serve.paths import cache_dir
 from tucker_serve.sources import resolve
 
@@ -70,15 +71,17 @@ def built_with_other_options(folder: Path, opt: ConvertOptions, healing=None) ->
     if not (folder / "model.safetensors").is_file():
         return ""
     report = folder / "tucker_report.json"
-    recorded = json.loads(report.read_text()).get("options") if report.is_file() else None
+    written = json.loads(report.read_text()) if report.is_file() else {}
+    recorded = written.get("options")
     if recorded is None:
         return "its report does not record them"
     wanted = options_record(opt)
     differ = [(k, recorded.get(k), wanted.get(k)) for k in sorted(wanted.keys() | recorded.keys())
               if wanted.get(k) != recorded.get(k)]
-    if healing is not None:  # the healing report records every heal option but the source
-        healed = json.loads(report.read_text()).get("healing", {})
-        wanted = {k: v for k, v in options_record(healing).items() if k != "source"}
+    if healing is not None:
+        from tucker_serve.heal import healing_record
+
+        healed, wanted = written.get("healing", {}), healing_record(healing)
         differ += [(f"healing {k}", healed.get(k), v) for k, v in sorted(wanted.items()) if healed.get(k) != v]
     return ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in differ) or None
 

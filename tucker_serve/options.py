@@ -8,8 +8,9 @@ Standard library only: the core, the server and the CLI all read it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
-from dataclasses import Field, field, fields
+from dataclasses import Field, asdict, field, fields
 
 
 def flag(text: str) -> bool:
@@ -139,3 +140,8 @@ def options_from(args: argparse.Namespace, cls, environ=None, env_prefix: str | 
     """An instance of `cls`: flags first, then <PREFIX><NAME> variables (with a prefix), then the defaults."""
     return cls(**given_options(args, cls, environ, env_prefix))
 
+
+def options_record(opt) -> dict:
+    """Every option of an options dataclass as a report records it (JSON values): what the model
+    cache compares before reusing a folder, so that a changed default never passes for the old one."""
+    return json.loads(json.dumps(asdict(opt), default=str))

@@ -91,13 +91,15 @@ def measure(row: Row, opt: BenchOptions, chat_set, windows: dict, cases: list, b
     """Everything about one row, on one engine."""
     from tucker_bench import engine as e
     from tucker_eval import engine as served
+    from tucker_eval.long_context import pass_key_answers
     from tucker_serve import long_context as lc
     from tucker_serve.sources import load_tokenizer
 
     max_len = max(max(opt.contexts) + opt.new_tokens, 1024, chat_set["longest"] if chat_set else 0,
                   *opt.long_lengths) + 8
     llm = served.start_engine(row.folder, row.name, max_len, opt.kv_cache_gb, opt.dtype, row.cache_dtype, opt.eager)
-    vocab = len(load_tokenizer(row.folder))
+    tokenizer = load_tokenizer(row.folder)
+    vocab = len(tokenizer)
     try:
         tokens, block = e.capacity(llm)
         row.results.update(capacity_tokens=tokens, block_size=block)
@@ -113,10 +115,7 @@ def measure(row: Row, opt: BenchOptions, chat_set, windows: dict, cases: list, b
                 r["chat"]["agreement"] = await served.served_agreement(llm, chat_set["pairs"])
                 bar.update(1)
             if cases:
-                answers = await served.served_answers(llm, [list(c.prompt_ids) for c in cases], lc.ANSWER_TOKENS)
-                tokenizer = load_tokenizer(row.folder)
-                text = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
-                r["long_context"] = lc.retrieval_summary(cases, text)
+                r["long_context"] = lc.retrieval_summary(cases, await pass_key_answers(llm, tokenizer, cases))
                 bar.update(1)
             await e.decode_rate(llm, vocab, 1, 16, 4, seed=0)  # warm-up
             r["decode"] = []

@@ -14,10 +14,16 @@ from tucker_serve.checkpoint import read_config
 from tucker_serve.sources import load_tokenizer, resolve
 
 
-async def measure(engine, cases, windows) -> tuple[list, list]:
-    """Both measurements in one event loop (an AsyncLLM stays bound to the loop it first ran in)."""
+async def pass_key_answers(engine, tokenizer, cases) -> list[str]:
+    """The served model's greedy answers to the pass-key `cases`, as text."""
     answers = await served_answers(engine, [list(c.prompt_ids) for c in cases], lc.ANSWER_TOKENS)
-    return answers, (await served_token_nll(engine, windows) if windows else [])
+    return [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+
+
+async def measure(engine, tokenizer, cases, windows) -> tuple[list, list]:
+    """Both measurements in one event loop (an AsyncLLM stays bound to the loop it first ran in)."""
+    text = await pass_key_answers(engine, tokenizer, cases)
+    return text, (await served_token_nll(engine, windows) if windows else [])
 
 
 def long_context_eval(model_spec: str, kv_cache_dtype: str = "auto", lengths=lc.LENGTHS, trials: int = 8,
@@ -41,10 +47,9 @@ def long_context_eval(model_spec: str, kv_cache_dtype: str = "auto", lengths=lc.
         if progress:
             print(f"long context: {len(cases)} retrieval prompts and {len(ppl_windows)} windows of {window:,} tokens",
                   flush=True)
-        answers, nll = asyncio.run(measure(engine, cases, ppl_windows))
+        text, nll = asyncio.run(measure(engine, tokenizer, cases, ppl_windows))
     finally:
         engine.shutdown()
-    text = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
     return {
         "model": model_spec, "kv_cache_dtype": kv_cache_dtype, "dtype": dtype, "trials": trials,
         "lengths": kept, "lengths_beyond_context": skipped, "retrieval": lc.retrieval_summary(cases, text),
