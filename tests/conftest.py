@@ -37,13 +37,14 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def converted(smollm2, tmp_path_factory):
-    """converted(kind) -> folder: 'full' (exact) or a ratio such as 2.0, made once per session. The
-    full-rank conversion is exact at any calibration window: it calibrates on 512-token ones (30 s less)."""
-    from tucker_serve.model_cache import at_ratio, at_spec, tucker_model
+    """converted(kind) -> folder: 'full' (exact), a ratio such as 2.0 or a benchmark row's spec such as
+    '1.2@measured' (model_cache.at_spec), made once per session. The full-rank conversion is exact at any
+    calibration window: it calibrates on 512-token ones (30 s less)."""
+    from tucker_serve.model_cache import at_spec, tucker_model
 
     root = tmp_path_factory.mktemp("tucker")
-    return lambda kind: tucker_model("smollm2-135m", at_spec("full+calib_window=512") if kind == "full"
-                                     else at_ratio(float(kind)), root=root, progress=False)
+    return lambda kind: tucker_model("smollm2-135m", at_spec("full+calib_window=512" if kind == "full" else str(kind)),
+                                     root=root, progress=False)
 
 
 @pytest.fixture(scope="module")

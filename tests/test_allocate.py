@@ -1,6 +1,8 @@
 """Per-layer latent widths: the measured widths, the convex cost curves, the greedy allocation under the
 byte budget, and on the real SmolLM2 that measured widths beat uniform ones at the same bytes."""
 
+import json
+
 import pytest
 import torch
 
@@ -67,31 +69,29 @@ def test_probes_score_text_at_every_fourth_position_and_copy_windows_on_their_re
 
 
 @pytest.mark.slow
-def test_measured_widths_beat_uniform_widths_on_smollm2(tmp_path):
-    """At 2x, with a small calibration, the measured per-layer widths hold more of the source's
-    next-token distribution on held-out text than uniform widths of the same total."""
-    from tucker_serve.convert import ConvertOptions, convert
+def test_measured_widths_beat_uniform_widths_on_smollm2(converted):
+    """The default model's per-layer widths (1.2x, measured) hold more of the source's next-token
+    distribution on held-out text than uniform widths of the same bytes (the session's 1.2x)."""
+    from tucker_server.launcher import DEFAULT_CONVERSION
     from tucker_serve.evaluate import text_windows
     from tucker_serve.model import TuckerLlama
     from tucker_serve.sources import load_hf_model, load_tokenizer, resolve
     from tucker_serve.text import load_text
 
+    assert DEFAULT_CONVERSION == "1.2@measured"
     source = resolve("smollm2-135m")
-    tokenizer = load_tokenizer(source.folder)
-    windows = text_windows(tokenizer, load_text("wiki", "eval"), 4 * 512, 512)
+    windows = text_windows(load_tokenizer(source.folder), load_text("wiki", "eval"), 4 * 512, 512)
     with torch.no_grad():
         teacher = load_hf_model(source.folder)(windows).logits.log_softmax(-1)
-    kl, widths = {}, {}
-    for mode in ("uniform", "measured"):
-        opt = ConvertOptions(kv_ratio=2.0, layer_widths=mode, calib_text="wiki", calib_tokens=4096,
-                             calib_window=512, measure_window=512, measure_windows=2)
-        report = convert("smollm2-135m", tmp_path / mode, opt, progress=False)
-        widths[mode] = (report["key_rank"], report["value_rank"])
+    kl, reports = {}, {}
+    for mode, folder in (("uniform", converted(1.2)), ("measured", converted(DEFAULT_CONVERSION))):
         with torch.no_grad():
-            student = TuckerLlama.from_pretrained(tmp_path / mode)(windows).log_softmax(-1)
+            student = TuckerLlama.from_pretrained(folder)(windows).log_softmax(-1)
         kl[mode] = (teacher.exp() * (teacher - student)).sum(-1).mean().item()
-        assert report["compression_ratio"] == pytest.approx(2.0, abs=1e-3)
-    assert isinstance(widths["measured"][0], list) and widths["uniform"] == (96, 96)
-    # Measured when written: 0.641 against 0.679 nats per token (the full calibration of a default
-    # conversion gains more: wiki perplexity 33.9 against 38.5 at 2x, docs/quality.md).
-    assert kl["measured"] < 0.97 * kl["uniform"], kl
+        reports[mode] = json.loads((folder / "tucker_report.json").read_text())
+    measured, uniform = reports["measured"], reports["uniform"]
+    assert isinstance(measured["key_rank"], list) and (uniform["key_rank"], uniform["value_rank"]) == (160, 160)
+    assert len(set(measured["value_rank"])) > 1  # the widths differ by layer
+    assert measured["compression_ratio"] == pytest.approx(1.2, abs=1e-3) == uniform["compression_ratio"]
+    # Measured when written: 0.060 against 0.075 nats per token (docs/quality.md, "The default model").
+    assert kl["measured"] < 0.9 * kl["uniform"], kl

@@ -4,7 +4,7 @@ by vLLM). A conversion change that costs the default model its quality fails her
 
 import pytest
 
-from tucker_server.launcher import DEFAULT_RATIO, DEFAULT_SOURCE
+from tucker_server.launcher import DEFAULT_CONVERSION, DEFAULT_SOURCE
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -13,7 +13,7 @@ def test_default_model_keeps_the_sources_perplexity_and_answers(converted):
     from tucker_eval.chat import chat_eval
     from tucker_serve.evaluate import evaluate
 
-    default = str(converted(DEFAULT_RATIO))  # what `tucker-serve serve` converts with no options
+    default = str(converted(DEFAULT_CONVERSION))  # what `tucker-serve serve` converts with no options
     ppl = {spec: evaluate(spec, "wiki", tokens=4096, window=1024, progress=False)["perplexity"]
            for spec in (DEFAULT_SOURCE, default)}
     assert ppl[default] < 1.10 * ppl[DEFAULT_SOURCE], ppl

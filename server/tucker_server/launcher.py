@@ -21,9 +21,11 @@ from tucker_serve.sources import DEFAULT_MODEL, MODEL_HELP, resolve
 from tucker_vllm import configure_cpu
 
 DEFAULT_SOURCE = DEFAULT_MODEL
-# The best model a first `make serve` can build within 10 minutes on 2 cores (docs/quality.md):
-# 1.2x keeps the source's chat answers without healing; 1.5x needs about 10 minutes of it.
-DEFAULT_RATIO = 1.2
+# The best model a first `make serve` can build within 10 minutes on 2 cores (docs/quality.md, "The
+# default model"): 1.2x with latent widths per layer chosen by measurement (a benchmark row's
+# RATIO@WIDTHS, model_cache.at_spec) keeps the source's chat answers and its pass keys at 1-4k tokens
+# without healing; uniform 1.2x loses 7 of 48 pass keys, and 1.5x needs about 10 minutes of healing.
+DEFAULT_CONVERSION = "1.2@measured"
 DEFAULT_HEAL_MINUTES = 0.0
 MIDDLEWARE = "tucker_server.middleware.TuckerMiddleware"
 PLUGIN = "tucker"  # the name of our entry points in every vLLM plugin group
@@ -32,8 +34,9 @@ ENV_PREFIX = "TUCKER_"
 
 @dataclass(frozen=True)
 class ServeOptions:
-    model: str | None = option(None, str, MODEL_HELP, shown=f"{DEFAULT_MODEL} converted at {DEFAULT_RATIO:g}x (cached)")
-    kv_ratio: float | None = option(None, float, "convert a source model at this KV compression first (cached)")
+    model: str | None = option(None, str, MODEL_HELP, shown=f"{DEFAULT_MODEL} converted at 1.2x, widths per layer by measurement (cached)")
+    kv_ratio: float | None = option(None, float, "convert a source model at this KV compression first, uniform "
+                                                 "widths as `tucker-serve convert --kv-ratio` (cached)")
     heal_minutes: float = option(DEFAULT_HEAL_MINUTES, float,
                                  "CPU-minutes of healing after a conversion (0: none); cached with the model")
     host: str = option("127.0.0.1", str, "address to listen on")
@@ -109,18 +112,18 @@ def access(opt: ServeOptions, host: str) -> str:
 def model_folder(opt: ServeOptions) -> tuple[Path, str]:
     """The folder to serve and its public name; converts (once, cached) when a ratio is asked for."""
     spec = opt.model or DEFAULT_SOURCE
-    ratio = opt.kv_ratio if opt.kv_ratio is not None else (DEFAULT_RATIO if opt.model is None else None)
     source = resolve(spec)
     if source.is_tucker:
         if opt.kv_ratio is not None:
             raise ModelError(f"{spec} is already a Tucker checkpoint: drop --kv-ratio")
         return source.folder, opt.served_model_name or source.folder.name
-    if ratio is None:
+    if opt.kv_ratio is None and opt.model is not None:
         return source.folder, opt.served_model_name or spec
     from tucker_serve.convert import ConvertOptions
-    from tucker_serve.model_cache import tucker_model
+    from tucker_serve.model_cache import at_spec, tucker_model
 
-    folder = tucker_model(spec, ConvertOptions(kv_ratio=ratio), opt.heal_minutes)
+    convert = ConvertOptions(kv_ratio=opt.kv_ratio) if opt.kv_ratio is not None else at_spec(DEFAULT_CONVERSION)
+    folder = tucker_model(spec, convert, opt.heal_minutes)
     default_name = f"{DEFAULT_SOURCE}-tucker" if opt.model is None and opt.kv_ratio is None else folder.name
     return folder, opt.served_model_name or default_name
 
