@@ -111,7 +111,7 @@ def main() -> None:
         folder, info = build(v, out)
         opt = at_spec(v.ratio)
         rows.append({"variant": v.name, "ratio": opt.kv_ratio or 1.0,
-                     "widths": opt.layer_widths, "calib": v.calib, "heal": v.heal_minutes,
+                     "widths": opt.layer_widths + "".join(f"+{o}" for o in v.ratio.split("+")[1:]), "calib": v.calib, "heal": v.heal_minutes,
                      "chat_share": v.chat_share if v.heal_minutes else None,
                      "local_share": v.local_share if v.heal_minutes else None, **info,
                      **measure(str(folder), out, v.name, args.tokens)})

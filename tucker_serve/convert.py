@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from tucker_serve import cache_layout as cl
 from tucker_serve.allocate import allocate, allocate_equal, copy_probe, measure, text_probe
-from tucker_serve.calibrate import AttentionShape, LayerStats, collect
+from tucker_serve.calibrate import AttentionShape, LayerStats, calibrated
 from tucker_serve.chat import can_chat, source_chats
 from tucker_serve.rope import basis_freqs, complex_basis_map
 from tucker_serve.checkpoint import ModelError, converted_config, one_or_list, write_folder
@@ -50,8 +50,9 @@ class ConvertOptions:
                                                "layer's chosen by the measured cost of truncating it, or so with "
                                                "equal key and value widths that vLLM's own kernels serve",
                                choices=("uniform", "measured", "measured-equal"))
-    measure_window: int = 1024  # tokens per window of the per-layer measurement (layer_widths=measured)
-    measure_windows: int = 2
+    measure_window: int = option(1024, int, "with measured widths: tokens per text window the cost of each "
+                                            "layer's truncation is measured on")
+    measure_windows: int = option(2, int, "with measured widths: text windows, spread over the calibration text")
     copy_window: int = option(0, int, "with measured widths: tokens of the long windows whose repeated passage "
                                       "prices long-range retrieval (0: text windows only)")
     value_stat: str = option("values", str, "value directions from the values' Gram matrix or the attention "
@@ -243,7 +244,7 @@ def convert(model_spec: str, out_dir, opt: ConvertOptions, progress: bool = True
         raise ModelError(invalid("dtype", opt.dtype, "must be float32, bfloat16 or float16"))
     model, tokenizer = load_hf_model(source.folder), load_tokenizer(source.folder)
     ids, window, texts = calibration_tokens(model, tokenizer, source.folder, opt, progress)
-    stats = collect(model, ids, window, progress)
+    stats = calibrated(model, str(source.folder.resolve()), ids, window, progress)
     state = {k: v for k, v in model.state_dict().items() if ".self_attn." not in k}
     if cfg.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)

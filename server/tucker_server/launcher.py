@@ -22,10 +22,11 @@ from tucker_vllm import configure_cpu
 
 DEFAULT_SOURCE = DEFAULT_MODEL
 # The best model a first `make serve` can build within 10 minutes on 2 cores (docs/quality.md, "The
-# default model"): 1.2x with latent widths per layer chosen by measurement (a benchmark row's
-# RATIO@WIDTHS, model_cache.at_spec) keeps the source's chat answers and its pass keys at 1-4k tokens
-# without healing; uniform 1.2x loses 7 of 48 pass keys, and 1.5x needs about 10 minutes of healing.
-DEFAULT_CONVERSION = "1.2@measured"
+# default model"): 1.2x with latent widths per layer chosen by measurement on 512-token windows (a
+# benchmark row's spec, model_cache.at_spec) keeps the source's chat answers and its pass keys at
+# 1-4k tokens without healing; uniform 1.2x loses 7 of 48 pass keys, and 1.5x needs about 10
+# minutes of healing. 1,024-token measurement windows cost 80 s more and did no better.
+DEFAULT_CONVERSION = "1.2@measured+measure_window=512"
 DEFAULT_HEAL_MINUTES = 0.0
 MIDDLEWARE = "tucker_server.middleware.TuckerMiddleware"
 PLUGIN = "tucker"  # the name of our entry points in every vLLM plugin group
