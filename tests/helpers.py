@@ -1,9 +1,10 @@
 """Helpers shared by test modules (no tests here): comparisons, the greedy reference loop, vLLM parity
 against the reference model on token prompts, paged-cache batches for the attention kernels, dense
-attention written the textbook way (the oracles the Tucker forms must reproduce), and a tiny random
-Tucker checkpoint."""
+attention written the textbook way (the oracles the Tucker forms must reproduce), a tiny random
+Tucker checkpoint and a tiny random transformers source."""
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,6 +18,11 @@ from tucker_serve.rope import apply_rope, default_inv_freq, rope_cos_sin
 LOGPROB_TOL = 1e-4  # float32, absolute, on full-vocabulary log-probabilities
 # paged batches: heads, latent key and value widths, block size
 H, R3, RT3, BS = 6, 12, 20, 16
+
+
+def kl_per_token(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> float:
+    """Mean over positions of KL(teacher || student), from log-probabilities (..., V)."""
+    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean().item()
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -168,4 +174,19 @@ def write_tiny_checkpoint(folder: Path, seed: int = 0, shared_latent: bool = Fal
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+# A tiny random transformers source with SmolLM2's tokenizer (same vocabulary size)
+TINY_SOURCE = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.2, rms_norm_eps=1e-6,
+                   tie_word_embeddings=False)
+
+
+def save_source(model, folder: Path, tokenizer_from: Path) -> Path:
+    """Save a transformers model as a source folder with the tokenizer files of `tokenizer_from`."""
+    model.save_pretrained(folder)
+    for f in tokenizer_from.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy2(f, folder / f.name)
     return folder

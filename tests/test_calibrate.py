@@ -1,29 +1,22 @@
 """Calibration statistics are computed once per process for the same model, tokens and windows: a
 second conversion at another ratio reuses them and writes exactly what a fresh calibration gives."""
 
-import shutil
 from dataclasses import replace
 
 import torch
 from safetensors.torch import load_file
 
+from helpers import TINY_SOURCE, save_source
 from tucker_serve import calibrate
 from tucker_serve.convert import ConvertOptions, convert
 
 
 def tiny_llama_source(folder, tokenizer_from):
-    """A random 2-layer transformers Llama with SmolLM2's tokenizer (same vocabulary size)."""
+    """A random 2-layer transformers Llama."""
     import transformers as tf
 
     torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                            initializer_range=0.2, tie_word_embeddings=False)
-    tf.LlamaForCausalLM(config).save_pretrained(folder)
-    for f in tokenizer_from.iterdir():
-        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
-            shutil.copy2(f, folder / f.name)
-    return folder
+    return save_source(tf.LlamaForCausalLM(tf.LlamaConfig(**TINY_SOURCE)), folder, tokenizer_from)
 
 
 def test_a_second_conversion_of_the_same_calibration_reuses_its_statistics(smollm2, tmp_path, monkeypatch):

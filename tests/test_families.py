@@ -4,13 +4,13 @@ and vLLM serves the conversion at parity with the reference; features the conver
 express are refused naming the feature."""
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from helpers import TINY_SOURCE, save_source
 from tucker_serve.convert import ConvertOptions, convert
 from tucker_serve.model import TuckerLlama
 from tucker_serve.checkpoint import ModelError
@@ -19,9 +19,6 @@ from tucker_serve.families import supported_family
 
 pytestmark = pytest.mark.slow
 LOGIT_TOL = 1e-4  # float32, absolute, transformers' logits against the converted reference
-COMMON = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.2, rms_norm_eps=1e-6,
-              tie_word_embeddings=False)
 
 
 def family_model(name: str):
@@ -29,16 +26,16 @@ def family_model(name: str):
     import transformers as tf
 
     if name == "qwen2":  # q/k/v biases
-        config = tf.Qwen2Config(**COMMON, rope_theta=1e6, use_sliding_window=False)
+        config = tf.Qwen2Config(**TINY_SOURCE, rope_theta=1e6, use_sliding_window=False)
         return tf.Qwen2ForCausalLM(config)
     if name == "mistral":
-        return tf.MistralForCausalLM(tf.MistralConfig(**COMMON, sliding_window=None))
+        return tf.MistralForCausalLM(tf.MistralConfig(**TINY_SOURCE, sliding_window=None))
     if name == "llama3-rope-scaling":
         rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 128}
-        return tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON, rope_scaling=rope))
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**TINY_SOURCE, rope_scaling=rope))
     if name == "explicit-head-dim":  # heads x head_dim (4 x 8) != hidden_size (64)
-        return tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON, head_dim=8))
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**TINY_SOURCE, head_dim=8))
     raise KeyError(name)
 
 
@@ -56,11 +53,7 @@ def families(smollm2, tmp_path_factory):
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     torch.nn.init.normal_(proj.bias, std=0.5)
-        source = tmp_path_factory.mktemp(name) / "source"
-        model.save_pretrained(source)
-        for f in smollm2.folder.iterdir():  # the SmolLM2 tokenizer (same vocabulary size)
-            if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
-                shutil.copy2(f, source / f.name)
+        source = save_source(model, tmp_path_factory.mktemp(name) / "source", smollm2.folder)
         tucker = source.parent / "tucker"
         convert(str(source), tucker, ConvertOptions(full_rank=True, calib_text="wiki", calib_tokens=1024),
                 progress=False)
@@ -131,7 +124,7 @@ if __name__ == "__main__":
 
 @pytest.mark.parametrize("model_type,bias", [("llama", False), ("mistral", False), ("qwen2", True)])
 def test_each_supported_family_is_one_record(model_type, bias):
-    config = {"model_type": model_type, **COMMON}
+    config = {"model_type": model_type, **TINY_SOURCE}
     family = supported_family(config, "model")
     assert family is RECORDS[model_type] and family.has_qkv_bias(config) is bias
     assert family.has_qkv_bias({**config, "attention_bias": not bias}) is (not bias)  # config.json decides first
@@ -159,7 +152,7 @@ def test_more_head_dims_than_hidden_size_is_refused_before_loading(tmp_path):
     # Qwen3-style widths: 4 heads x 32 > hidden 64 (the Tucker query mode cannot hold them)
     folder = tmp_path / "wide"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama", **COMMON, "head_dim": 32}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", **TINY_SOURCE, "head_dim": 32}))
     with pytest.raises(ModelError, match="heads x head_dim > hidden_size is not supported"):
         convert(str(folder), tmp_path / "out", ConvertOptions(full_rank=True), progress=False)
     assert not (tmp_path / "out").exists()

@@ -49,13 +49,13 @@ def test_a_folder_built_under_another_default_is_not_reused(tmp_path):
 def test_a_model_healed_under_another_recipe_is_not_reused(tmp_path):
     from dataclasses import asdict
 
-    from tucker_serve.heal import HealOptions
+    from tucker_serve.heal import HealOptions, healing_record
 
     opt, healing = ConvertOptions(kv_ratio=2.0), HealOptions(minutes=30, eval_tokens=0)
     folder = tmp_path / tucker_name("src", opt, heal_minutes=30)
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"")
-    recorded = {k: v for k, v in options_record(healing).items() if k != "source"}
+    recorded = healing_record(healing)
     older = {k: v for k, v in recorded.items() if k != "teacher_windows"}  # healed before the teacher pool
     (folder / "tucker_report.json").write_text(json.dumps({"options": options_record(opt), "healing": older}))
     assert built_with_other_options(folder, opt, healing) == "healing teacher_windows: None -> 512"
