@@ -5,8 +5,7 @@ FROM vllm/vllm-openai:v0.32.0
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     TUCKER_HOST=0.0.0.0 \
-    TUCKER_PORT=8000 \
-    TUCKER_DTYPE=bfloat16
+    TUCKER_PORT=8000
 
 WORKDIR /opt/tucker-serve
 COPY pyproject.toml README.md ./

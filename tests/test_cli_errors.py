@@ -28,6 +28,14 @@ def llama_config(**changes) -> dict:
             "vocab_size": 256, "rms_norm_eps": 1e-6, "max_position_embeddings": 256, **changes}
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device,needle", [("cuda", "no CUDA device is visible"), ("tpu", "is not a device")])
+def test_convert_on_a_device_this_machine_lacks_fails_before_any_work(tmp_path, device, needle):
+    proc = run_cli("convert", "--kv-ratio", "2", "--device", device, "--out", str(tmp_path / "o"))
+    one_error_line(proc, f"--device {device}" if device != "tpu" else "'tpu'", needle)
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_model_file(tmp_path):
     proc = run_cli("convert", "--model", str(tmp_path / "nope.gguf"), "--kv-ratio", "2", "--out", str(tmp_path / "o"))
     one_error_line(proc, "not found", "built-in name")

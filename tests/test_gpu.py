@@ -1,7 +1,8 @@
 """The CUDA paths against the float64 PyTorch reference on the CPU (skipped without a GPU; run by
 bench/gpu_check.sh on a lent GPU machine): the TUCKER backend's dispatch (Triton decode, prefill) on
 mixed batches with 16-bit and fp8 caches, shared latents, and the reference model's attention
-(flash-attention when installed, else SDPA)."""
+(flash-attention when installed, else SDPA); conversion's calibration and measured widths, and
+evaluation's perplexity and teacher forcing, on CUDA against the same on the CPU."""
 
 import pytest
 import torch
@@ -57,3 +58,64 @@ def test_reference_attention_on_the_gpu(r3, rt3):
     want = latent_attention(q.double(), k.double(), v.double(), r3**-0.5)
     got = latent_attention(*(t.to(torch.bfloat16).cuda() for t in (q, k, v)), r3**-0.5)
     assert got.shape == want.shape and relative(got, want) <= 2e-2
+
+
+def test_calibration_and_layer_measurement_on_cuda_match_the_cpu():
+    import transformers as tf
+
+    from helpers import TINY_SOURCE
+    from tucker_serve.allocate import measure, text_probe
+    from tucker_serve.calibrate import AttentionShape, collect
+    from tucker_serve.convert import ConvertOptions, convert_layer
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**TINY_SOURCE)).eval()
+    s = AttentionShape.from_config(model.config.to_dict())
+    ids = torch.randint(0, TINY_SOURCE["vocab_size"], (2048,), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for device in ("cpu", "cuda"):
+        model.to(device)
+        stats = collect(model, ids, 512, progress=False)
+        assert stats[0].value_gram.device.type == "cpu"  # the statistics come back to the CPU
+
+        def tensors(i, r3, rt3):
+            out, freqs, _ = convert_layer(model.model.layers[i].self_attn, stats[i], s, r3, rt3, ConvertOptions())
+            return out, freqs
+
+        costs = measure(model, text_probe(ids, 256, 2), tensors, (16, 16), s.groups * s.head_dim, progress=False)
+        results[device] = stats, costs
+    (cpu, cpu_costs), (gpu, gpu_costs) = results["cpu"], results["cuda"]
+    for a, b in zip(cpu, gpu):
+        assert a.tokens == b.tokens
+        for name in ("key_cov", "key_attn_cov", "query_energy", "value_gram", "out_gram"):
+            x, y = getattr(b, name), getattr(a, name)
+            x, y = (torch.view_as_real(x), torch.view_as_real(y)) if x.is_complex() else (x, y)
+            assert relative(x, y) <= 1e-4, name
+    for a, b in zip(cpu_costs, gpu_costs):  # KL of each layer truncated at each width
+        for w in a.key:
+            assert b.key[w] == pytest.approx(a.key[w], rel=1e-2, abs=1e-5)
+        for w in a.value:
+            assert b.value[w] == pytest.approx(a.value[w], rel=1e-2, abs=1e-5)
+
+
+def test_perplexity_and_teacher_forcing_on_cuda_match_the_cpu():
+    import transformers as tf
+
+    from helpers import TINY_SOURCE
+    from tucker_serve.chat import teacher_forced
+    from tucker_serve.evaluate import perplexity
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**TINY_SOURCE)).eval()
+    other = tf.LlamaForCausalLM(tf.LlamaConfig(**TINY_SOURCE)).eval()
+    windows = torch.randint(0, TINY_SOURCE["vocab_size"], (4, 128), generator=torch.Generator().manual_seed(1))
+    pairs = [(windows[0, :20].tolist(), windows[0, 20:30].tolist()), (windows[1, :7].tolist(), windows[1, 7:9].tolist())]
+    got = {}
+    for device in ("cpu", "cuda"):
+        lm, teacher = model.to(device), other.to(device)
+        got[device] = (perplexity(lambda ids: lm(ids.to(device)).logits, windows, progress=False).perplexity,
+                       teacher_forced(lambda ids: lm(ids.to(device)).logits, lambda ids: teacher(ids.to(device)).logits,
+                                      pairs, progress=False))
+    assert got["cuda"][0] == pytest.approx(got["cpu"][0], rel=1e-4)
+    assert got["cuda"][1]["kl"] == pytest.approx(got["cpu"][1]["kl"], rel=1e-3)
+    assert got["cuda"][1]["answer_tokens"] == got["cpu"][1]["answer_tokens"] == 12

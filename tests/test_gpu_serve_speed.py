@@ -1,5 +1,6 @@
-"""bench/gpu_serve_speed.py, the GPU check's decode-speed step, run on CPU with two layers: random
-checkpoints of SmolLM2's shape that vLLM serves without a tokenizer, source and Tucker side by side."""
+"""bench/gpu_serve_speed.py and bench/gpu_serve_defaults.py, the GPU check's serving steps, run on CPU
+with two layers: random checkpoints of SmolLM2's shape that vLLM serves without a tokenizer, source
+and Tucker side by side; `tucker-serve serve` with no sizes given."""
 
 import json
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 SCRIPT = Path(__file__).parents[1] / "bench" / "gpu_serve_speed.py"
+DEFAULTS = SCRIPT.with_name("gpu_serve_defaults.py")
 
 
 def test_decode_speed_of_random_source_and_tucker_checkpoints(tmp_path):
@@ -26,3 +28,16 @@ def test_decode_speed_of_random_source_and_tucker_checkpoints(tmp_path):
     assert rows["tucker 1.2x"]["capacity_tokens"] == pytest.approx(1.2 * rows["source"]["capacity_tokens"], rel=0.05)
     tucker = json.loads((tmp_path / "speed" / "tucker-1.2x" / "config.json").read_text())["tucker"]
     assert (tucker["r3"], tucker["rt3"]) == (160, 160)
+
+
+def test_serve_without_sizes_gets_the_platforms_defaults(tmp_path):
+    out = tmp_path / "defaults.json"
+    proc = subprocess.run([sys.executable, str(DEFAULTS), "--out", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    memory = result["memory"]
+    assert result["platform"] == "cpu" and result["passed"]
+    assert (memory["weights_dtype"], memory["max_model_len"], memory["cache_sized_by"]) == (
+        "float32", 2048, "kv_cache_memory_bytes")
+    assert 0.98 * 2**30 <= memory["cache_bytes"] <= 2**30  # the 1 GiB CPU default

@@ -19,8 +19,9 @@ def parse(*argv, environ=None):
 
 def test_flags_win_over_environment_over_defaults():
     opt = parse("--kv-ratio", "2", environ={"TUCKER_KV_RATIO": "3", "TUCKER_PORT": "9000", "TUCKER_METRICS_NEED_KEY": "yes"})
-    assert (opt.kv_ratio, opt.port, opt.metrics_need_key, opt.max_model_len) == (2.0, 9000, True, 2048)
+    assert (opt.kv_ratio, opt.port, opt.metrics_need_key, opt.max_model_len) == (2.0, 9000, True, None)
     assert parse() == ServeOptions()
+    assert parse("--max-model-len", "4096", environ={"TUCKER_KV_CACHE_GB": "8"}).kv_cache_gb == 8.0
 
 
 @pytest.mark.parametrize("env,needle", [({"TUCKER_PORT": "eighty"}, "TUCKER_PORT='eighty' is not a valid int"),
@@ -32,7 +33,7 @@ def test_bad_environment_values_name_the_variable(env, needle):
 
 def test_vllm_arguments_carry_our_options_and_the_middleware(tmp_path):
     args = vllm_arguments(ServeOptions(kv_cache_gb=0.5, port=8123, dtype="bfloat16", kv_cache_dtype="fp8"),
-                          tmp_path, "m")
+                          tmp_path, "m", "cpu")
     pairs = dict(zip(args[::2], args[1::2]))
     assert pairs["--model"] == str(tmp_path) and pairs["--served-model-name"] == "m"
     assert pairs["--kv-cache-memory-bytes"] == str(2**29) and pairs["--port"] == "8123"
@@ -40,6 +41,31 @@ def test_vllm_arguments_carry_our_options_and_the_middleware(tmp_path):
     assert args[args.index("--middleware") + 1] == MIDDLEWARE
     assert "--shutdown-timeout" in args  # SIGTERM drains in-flight requests
     assert "--enforce-eager" not in args  # vLLM's compiled mode (CUDA graphs on CUDA), measured faster on CPU too
+
+
+def vllm_args(args: list[str]):
+    """What vLLM's own server parser makes of our arguments."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser()).parse_args(args)
+
+
+def test_sizes_not_given_are_cpu_defaults_on_cpu_and_vllms_own_on_a_gpu(tmp_path):
+    from vllm.config import CacheConfig
+
+    cpu = vllm_args(vllm_arguments(ServeOptions(), tmp_path, "m", "cpu"))
+    assert (cpu.dtype, cpu.max_model_len, cpu.kv_cache_memory_bytes) == ("float32", 2048, 2**30)
+    for platform in ("cuda", "rocm"):
+        args = vllm_arguments(ServeOptions(), tmp_path, "m", platform)
+        assert not {"--dtype", "--max-model-len", "--kv-cache-memory-bytes"} & set(args)
+        gpu = vllm_args(args)  # vLLM's own: the checkpoint's dtype, its context, the memory-utilization share
+        assert (gpu.dtype, gpu.max_model_len, gpu.kv_cache_memory_bytes) == ("auto", None, None)
+        assert gpu.gpu_memory_utilization == CacheConfig().gpu_memory_utilization
+    asked = vllm_args(vllm_arguments(ServeOptions(kv_cache_gb=8, max_model_len=8192, dtype="bfloat16"), tmp_path,
+                                     "m", "cuda"))
+    assert (asked.dtype, asked.max_model_len, asked.kv_cache_memory_bytes) == ("bfloat16", 8192, 8 * 2**30)
+    assert vllm_args(vllm_arguments(ServeOptions(dtype="auto"), tmp_path, "m", "cpu")).dtype == "auto"
 
 
 def test_unknown_serve_arguments_pass_through_to_vllm_in_order():

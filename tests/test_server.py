@@ -185,6 +185,10 @@ def test_memory_document_and_tucker_gauges_agree_next_to_vllm_metrics(server, cl
     assert samples["tucker_kv_blocks_total"] == memory["blocks_total"]
     assert samples["tucker_kv_capacity_tokens"] == memory["capacity_tokens"] == memory["blocks_total"] * memory["block_size"]
     assert samples["vllm:generation_tokens_total"] > 0 and samples["vllm:prompt_tokens_total"] > 0
+    # what serve chose on CPU and what it was asked
+    assert (memory["weights_dtype"], memory["max_model_len"]) == ("float32", 512)
+    assert memory["cache_sized_by"] == "kv_cache_memory_bytes"
+    assert 0.98 * 2**28 <= memory["cache_bytes"] <= 2**28
 
 
 def test_every_metric_the_grafana_dashboard_queries_is_served(server):

@@ -115,7 +115,7 @@ def measure(model, probe: Probe, layer_tensors, uniform: tuple[int, int], full: 
     """
     s = AttentionShape.from_config(model.config.to_dict())
     body, layers = model.model, model.model.layers
-    windows, scored = probe.windows, probe.scored
+    windows, scored = probe.windows.to(model.device), probe.scored.to(model.device)
     inputs = []
     grab = lambda module, args, kwargs: inputs.append(args[0] if args else kwargs["hidden_states"])  # noqa: E731
     handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
@@ -125,14 +125,14 @@ def measure(model, probe: Probe, layer_tensors, uniform: tuple[int, int], full: 
         for h in handles:
             h.remove()
     reference = model.lm_head(hidden[:, scored]).log_softmax(-1)
-    positions = torch.arange(windows.shape[1])[None].expand(windows.shape[0], -1)
+    positions = torch.arange(windows.shape[1], device=model.device)[None].expand(windows.shape[0], -1)
     rotary = body.rotary_emb(inputs[0], positions)
 
     def kl_with(i: int, r3: int, rt3: int) -> float:
         """KL of the source model from the one whose layer i alone is Tucker at (r3, rt3)."""
         tensors, freqs = layer_tensors(i, r3, rt3)
         original = layers[i].self_attn
-        layers[i].self_attn = TuckerLayer(tucker_module(tensors, s, r3, rt3, freqs))
+        layers[i].self_attn = TuckerLayer(tucker_module(tensors, s, r3, rt3, freqs).to(model.device))
         try:
             x = inputs[i]
             for layer in layers[i:]:

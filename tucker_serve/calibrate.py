@@ -51,13 +51,16 @@ class LayerStats:
     tokens: int = 0
 
     @classmethod
-    def zeros(cls, s: AttentionShape) -> "LayerStats":
+    def zeros(cls, s: AttentionShape, device=None) -> "LayerStats":
         half, gd = s.head_dim // 2, s.groups * s.head_dim
-        f64 = torch.float64
-        return cls(torch.zeros(half, s.groups, s.groups, dtype=torch.complex128),
-                   torch.zeros(half, s.groups, s.groups, dtype=torch.complex128),
-                   torch.zeros(s.heads, half, dtype=f64), torch.zeros(gd, gd, dtype=f64),
-                   torch.zeros(s.heads, gd, gd, dtype=f64))
+        c128 = dict(dtype=torch.complex128, device=device)
+        f64 = dict(dtype=torch.float64, device=device)
+        return cls(torch.zeros(half, s.groups, s.groups, **c128), torch.zeros(half, s.groups, s.groups, **c128),
+                   torch.zeros(s.heads, half, **f64), torch.zeros(gd, gd, **f64), torch.zeros(s.heads, gd, gd, **f64))
+
+    def to(self, device) -> "LayerStats":
+        return LayerStats(*(t.to(device) for t in (self.key_cov, self.key_attn_cov, self.query_energy,
+                                                   self.value_gram, self.out_gram)), self.tokens)
 
 
 def project_qkv(attn, x: torch.Tensor, s: AttentionShape):
@@ -85,7 +88,7 @@ def accumulate(stats: LayerStats, attn, x: torch.Tensor, s: AttentionShape) -> N
     The attention-weighted statistics cost O(T^2): on long windows they read every stride-th query
     (still every key), scaled by the stride; the least-squares fits that use them do not depend on scale.
     """
-    T = x.shape[0]
+    T, device = x.shape[0], x.device
     q, k, v = project_qkv(attn, x, s)
     zk, zq = as_complex(k), as_complex(q)  # (T, G, D/2), (T, H, D/2)
     stats.key_cov += torch.einsum("tgk,thk->kgh", zk, zk.conj())
@@ -93,18 +96,19 @@ def accumulate(stats: LayerStats, attn, x: torch.Tensor, s: AttentionShape) -> N
     vs = v.flatten(1)  # (T, G*D)
     stats.value_gram += (vs.T @ vs).double()
     stride = max(1, T // QUERIES)
-    at = torch.arange(stride - 1, T, stride)  # query positions read, the last one included
-    cos, sin = rope_cos_sin(s.inv_freq, torch.arange(T))
+    at = torch.arange(stride - 1, T, stride, device=device)  # query positions read, the last one included
+    positions, inv_freq = torch.arange(T, device=device), s.inv_freq.to(device)
+    cos, sin = rope_cos_sin(inv_freq, positions)
     qr = apply_rope(q[at], cos[at, None], sin[at, None]).transpose(0, 1)  # (H, S, D)
     kr = apply_rope(k, cos[:, None], sin[:, None]).transpose(0, 1)  # (G, T, D)
     scores = qr @ kr.repeat_interleave(s.heads // s.groups, 0).transpose(1, 2) * s.head_dim**-0.5
-    probs = scores.masked_fill(torch.arange(T)[None] > at[:, None], float("-inf")).softmax(-1)  # (H, S, T)
+    probs = scores.masked_fill(positions[None] > at[:, None], float("-inf")).softmax(-1)  # (H, S, T)
     y = probs @ vs  # (H, S, G*D): head h's attention applied to every group's values
     # Softmax ignores logit errors common to all keys of a query: what matters is the spread of
     # the (rotated) keys under each query's attention, E_A[w w^H] - E_A[w] E_A[w]^H.
     zk32 = zk.to(torch.complex64)
     received = probs.sum((0, 1))  # (T,): attention each key receives, over heads and queries
-    wz = zk32 * torch.polar(torch.ones_like(cos), torch.arange(T)[:, None] * s.inv_freq)[:, None].to(torch.complex64)
+    wz = zk32 * torch.polar(torch.ones_like(cos), positions[:, None] * inv_freq)[:, None].to(torch.complex64)
     flat = torch.view_as_real(wz).flatten(1)  # (T, G*D/2*2)
     mu = torch.view_as_complex((probs @ flat).unflatten(-1, (s.groups, s.head_dim // 2, 2)).contiguous())
     first = torch.einsum("t,tgk,thk->kgh", received.to(torch.complex64), zk32, zk32.conj())
@@ -142,10 +146,12 @@ def calibrated(model, model_key: str, token_ids: torch.Tensor, window: int, prog
 
 @torch.no_grad()
 def collect(model, token_ids: torch.Tensor, window: int, progress: bool = True) -> list[LayerStats]:
-    """Run a transformers Llama-family model over `token_ids` in windows; statistics per layer."""
+    """Run a transformers Llama-family model over `token_ids` in windows, on the model's device;
+    statistics per layer, on the CPU."""
     s = AttentionShape.from_config(model.config.to_dict())
     layers = model.model.layers
-    stats = [LayerStats.zeros(s) for _ in layers]
+    device = model.device
+    stats = [LayerStats.zeros(s, device) for _ in layers]
 
     def hook(index):
         def grab(module, args, kwargs):
@@ -157,8 +163,8 @@ def collect(model, token_ids: torch.Tensor, window: int, progress: bool = True) 
     try:
         chunks = token_ids.split(window)
         for chunk in tqdm(chunks, desc="calibrating", unit="window", disable=not progress):
-            model(chunk[None])
+            model(chunk[None].to(device))
     finally:
         for h in handles:
             h.remove()
-    return stats
+    return [st.to("cpu") for st in stats]

@@ -101,7 +101,7 @@ def greedy_answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens
         width = max(len(p) for p in group)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in group])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad, eos_token_id=sorted(eos))
         answers += [strip_answer(row[width:].tolist(), eos, pad) for row in out]
     result = [None] * len(prompt_ids)
@@ -125,12 +125,13 @@ def teacher_forced(student, teacher, sequences: list[tuple[list[int], list[int]]
         width = max(len(r) for r in rows)
         ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
         s_logp = F.log_softmax(student(ids).float(), -1)
-        t_logp = F.log_softmax(teacher(ids).float(), -1)
+        t_logp = F.log_softmax(teacher(ids).float(), -1).to(s_logp.device)
         for b, (prompt, answer) in enumerate(chunk):
             if not answer:
                 continue
-            pos = torch.arange(len(prompt) - 1, len(prompt) + len(answer) - 1)  # positions predicting the answer
-            targets = torch.tensor(answer)
+            # positions predicting the answer
+            pos = torch.arange(len(prompt) - 1, len(prompt) + len(answer) - 1, device=s_logp.device)
+            targets = torch.tensor(answer, device=s_logp.device)
             agree += int((s_logp[b, pos].argmax(-1) == targets).sum())
             kl += float((t_logp[b, pos].exp() * (t_logp[b, pos] - s_logp[b, pos])).sum())
             count += len(answer)

@@ -22,6 +22,7 @@ from tucker_serve.calibrate import AttentionShape, LayerStats, calibrated
 from tucker_serve.chat import can_chat, source_chats
 from tucker_serve.rope import basis_freqs, complex_basis_map
 from tucker_serve.checkpoint import ModelError, converted_config, one_or_list, write_folder
+from tucker_serve.device import compute_device, release
 from tucker_serve.options import cite, flag, invalid, option, options_record
 from tucker_serve.sources import load_hf_model, load_tokenizer, resolve
 from tucker_serve.text import text_tokens
@@ -184,21 +185,23 @@ def convert_layer(attn, st: LayerStats, s: AttentionShape, r3: int, rt3: int, op
     enc, dec, key_energy = key_bases(st, s, r3, opt.key_metric)
     a_key = complex_basis_map(enc, D)  # (G, D, r3)
     a_query = complex_basis_map(dec, D)
-    q_proj, k_proj, v_proj, o_proj = s.family.attention_projections(attn)
-    wk = k_proj.weight.double().unflatten(0, (G, D))  # (G, D, d)
+    # the basis arithmetic runs on the CPU, where the statistics are, whatever device the model is on
+    q, k, v, o = ({n: getattr(m, n).detach().cpu() for n in ("weight", "bias") if getattr(m, n, None) is not None}
+                  for m in s.family.attention_projections(attn))
+    wk = k["weight"].double().unflatten(0, (G, D))  # (G, D, d)
     out = {
-        "q_shared.weight": q_proj.weight,
+        "q_shared.weight": q["weight"],
         "q_core": a_query.repeat_interleave(rep, 0),  # (H, D, r3)
         "k_latent.weight": torch.einsum("gir,gid->rd", a_key, wk),
-        "o_shared.weight": o_proj.weight,
+        "o_shared.weight": o["weight"],
     }
-    v_enc, o_core, value_energy = value_maps(st, s, o_proj.weight, rt3, opt.value_stat)
-    out["v_latent.weight"] = v_enc.T @ v_proj.weight.double()
+    v_enc, o_core, value_energy = value_maps(st, s, o["weight"], rt3, opt.value_stat)
+    out["v_latent.weight"] = v_enc.T @ v["weight"].double()
     out["o_core"] = o_core
-    if q_proj.bias is not None:
-        out["q_shared.bias"] = q_proj.bias
-        out["k_latent.bias"] = torch.einsum("gir,gi->r", a_key, k_proj.bias.double().unflatten(0, (G, D)))
-        out["v_latent.bias"] = v_proj.bias.double() @ v_enc
+    if "bias" in q:
+        out["q_shared.bias"] = q["bias"]
+        out["k_latent.bias"] = torch.einsum("gir,gi->r", a_key, k["bias"].double().unflatten(0, (G, D)))
+        out["v_latent.bias"] = v["bias"].double() @ v_enc
     freqs = basis_freqs(enc, s.inv_freq)
     row = {"key_energy": round(key_energy, 6), "value_energy": round(value_energy, 6),
            "key_pairs_per_frequency": [p.shape[1] for p in enc]}
@@ -228,9 +231,10 @@ def calibration_tokens(model, tokenizer, source_folder: Path, opt: ConvertOption
     return torch.tensor(ids[: len(ids) // window * window]), window, ",".join(parts)
 
 
-def convert(model_spec: str, out_dir, opt: ConvertOptions, progress: bool = True) -> dict:
-    """Write a Tucker folder for `model_spec` to `out_dir` (atomically); return the report."""
-    start = time.time()
+def convert(model_spec: str, out_dir, opt: ConvertOptions, progress: bool = True, device: str = "auto") -> dict:
+    """Write a Tucker folder for `model_spec` to `out_dir` (atomically); return the report. The source
+    runs on `device` (calibration, its chat answers, measured widths; tucker_serve.device)."""
+    start, on = time.time(), compute_device(device)  # a device this machine lacks fails before any work
     source = resolve(model_spec)
     if source.is_tucker:
         raise ModelError(f"{model_spec} is already a Tucker checkpoint")
@@ -242,7 +246,7 @@ def convert(model_spec: str, out_dir, opt: ConvertOptions, progress: bool = True
     dtype = getattr(torch, opt.dtype, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ModelError(invalid("dtype", opt.dtype, "must be float32, bfloat16 or float16"))
-    model, tokenizer = load_hf_model(source.folder), load_tokenizer(source.folder)
+    model, tokenizer = load_hf_model(source.folder).to(on), load_tokenizer(source.folder)
     ids, window, texts = calibration_tokens(model, tokenizer, source.folder, opt, progress)
     stats = calibrated(model, str(source.folder.resolve()), ids, window, progress)
     state = {k: v for k, v in model.state_dict().items() if ".self_attn." not in k}
@@ -257,9 +261,12 @@ def convert(model_spec: str, out_dir, opt: ConvertOptions, progress: bool = True
         state.update({f"model.layers.{i}.self_attn.{k}": v for k, v in tensors.items()})
         freqs.append(f.tolist())
         rows.append(row)
-    state = {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+    del model, layers
+    release(on)
     r3s, rt3s = [w[0] for w in widths], [w[1] for w in widths]
     report = build_report(model_spec, s, r3s, rt3s, opt, texts, ids.numel(), window, rows, time.time() - start)
+    report["device"] = str(on)
     config = converted_config(cfg, heads=s.heads, head_dim=s.head_dim, r3=r3s, rt3=rt3s,
                               qkv_bias=s.family.has_qkv_bias(cfg),
                               source_kv_width=s.kv_width, latent_rope_freqs=freqs, dtype=opt.dtype)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tucker_serve.checkpoint import ModelError
+from tucker_serve.device import compute_device
 from tucker_serve.long_context import LENGTHS
 from tucker_serve.options import flag, invalid, listing, option
 from tucker_serve.sources import load_hf_model, load_tokenizer, resolve
@@ -35,6 +36,8 @@ class EvalOptions:
                                                              "the model's context are left out)")
     trials: int = option(8, int, "pass keys per text and length for --long (at evenly spaced depths)")
     kv_cache_dtype: str = option("auto", str, "vLLM cache dtype for --chat and --long (auto, fp8, ...)")
+    device: str = option("auto", str, "where the reference model scores (perplexity, --chat's teacher forcing): "
+                                      "auto (CUDA when present), cuda, cuda:N or cpu")
 
 
 @dataclass(frozen=True)
@@ -45,19 +48,20 @@ class Perplexity:
     windows: int
 
 
-def load_lm(spec: str):
-    """(model, tokenizer, source) for any --model: the reference TuckerLlama or the transformers model.
-
-    Both are callables input_ids (B, T) -> logits (B, T, vocab).
-    """
+def load_lm(spec: str, device: str = "cpu"):
+    """(model, tokenizer, source) for any --model: the reference TuckerLlama or the transformers model,
+    on `device` (tucker_serve.device). Both are callables input_ids (B, T) -> logits (B, T, vocab) on
+    that device, from ids anywhere."""
     from tucker_serve.model import TuckerLlama
 
+    on = compute_device(device)
     source = resolve(spec)
     tokenizer = load_tokenizer(source.folder)
     if source.is_tucker:
-        return TuckerLlama.from_pretrained(source.folder), tokenizer, source
-    hf = load_hf_model(source.folder)
-    return (lambda ids: hf(ids).logits), tokenizer, source
+        tucker = TuckerLlama.from_pretrained(source.folder).to(on)
+        return (lambda ids: tucker(ids.to(on))), tokenizer, source
+    hf = load_hf_model(source.folder).to(on)
+    return (lambda ids: hf(ids.to(on)).logits), tokenizer, source
 
 
 def text_windows(tokenizer, text: str, tokens: int, window: int) -> torch.Tensor:
@@ -76,14 +80,14 @@ def perplexity(lm, windows: torch.Tensor, batch: int = 4, progress: bool = True)
     total, count = 0.0, 0
     for chunk in tqdm(windows.split(batch), desc="evaluating", unit="batch", disable=not progress):
         logits = lm(chunk).float()
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), chunk[:, 1:].flatten().to(logits.device), reduction="sum")
         total += nll.item()
         count += chunk[:, 1:].numel()
     return Perplexity(math.exp(total / count), total / count, count, windows.shape[0])
 
 
 def evaluate(spec: str, text: str = EvalOptions.text, tokens: int = EvalOptions.tokens,
-             window: int = EvalOptions.window, progress: bool = True) -> dict:
-    lm, tokenizer, source = load_lm(spec)
+             window: int = EvalOptions.window, progress: bool = True, device: str = EvalOptions.device) -> dict:
+    lm, tokenizer, source = load_lm(spec, device)
     result = perplexity(lm, text_windows(tokenizer, load_text(text, "eval"), tokens, window), progress=progress)
     return {"model": spec, "text": text, "window": window, "tucker": source.is_tucker, **result.__dict__}

@@ -48,8 +48,9 @@ def source_of(model: ModelSource, source_spec: str | None) -> ModelSource:
 
 
 def chat_eval(model_spec: str, source_spec: str | None = None, max_tokens: int = 48, kv_cache_dtype: str = "auto",
-              teacher_forcing: bool = True, progress: bool = True) -> dict:
-    """Chat fidelity of `model_spec` against its source (the one recorded at conversion by default)."""
+              teacher_forcing: bool = True, progress: bool = True, device: str = "auto") -> dict:
+    """Chat fidelity of `model_spec` against its source (the one recorded at conversion by default);
+    the teacher forcing runs the reference models on `device`."""
     from tucker_serve.evaluate import load_lm
 
     model = resolve(model_spec)
@@ -75,7 +76,7 @@ def chat_eval(model_spec: str, source_spec: str | None = None, max_tokens: int =
         "answers": rows,
     }
     if teacher_forcing and kv_cache_dtype == "auto":  # the reference models have no quantized cache
-        student, _, _ = load_lm(str(model.folder))
-        teacher, _, _ = load_lm(str(source.folder))
+        student, _, _ = load_lm(str(model.folder), device)
+        teacher, _, _ = load_lm(str(source.folder), device)
         result.update(chat.teacher_forced(student, teacher, list(zip(prompt_ids, reference)), progress=progress))
     return result

@@ -75,7 +75,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from tucker_serve.convert import ConvertOptions, convert
 
-    report = convert(args.model, args.out, options_from(args, ConvertOptions), progress=not args.quiet)
+    report = convert(args.model, args.out, options_from(args, ConvertOptions), progress=not args.quiet,
+                     device=args.device)
     bytes_ = report["bytes_per_token"]
     ranks = lambda r: f"{min(r)}-{max(r)} by layer" if isinstance(r, list) else r  # noqa: E731
     print(f"wrote {args.out}: key rank {ranks(report['key_rank'])}, value rank {ranks(report['value_rank'])}, "
@@ -105,7 +106,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif opt.chat:
         from tucker_eval.chat import chat_eval
 
-        result = chat_eval(args.model, opt.source, opt.max_tokens, opt.kv_cache_dtype, progress=not args.json)
+        result = chat_eval(args.model, opt.source, opt.max_tokens, opt.kv_cache_dtype, progress=not args.json,
+                           device=opt.device)
         summary = (f"{args.model}: {result['correct']}/{result['questions']} questions answered correctly "
                    f"(source {result['source_correct']}); same answer as the source on "
                    f"{result['same_answer_as_source']:.0%} of {result['prompts']} prompts")
@@ -114,7 +116,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         from tucker_serve.evaluate import evaluate
 
-        result = evaluate(args.model, opt.text, opt.tokens, opt.window, progress=not args.json)
+        result = evaluate(args.model, opt.text, opt.tokens, opt.window, progress=not args.json,
+                          device=opt.device)
         summary = f"{args.model}: perplexity {result['perplexity']:.3f} on {result['tokens']:,} tokens of {opt.text}"
     if args.out:
         from pathlib import Path
@@ -169,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default {DEFAULT_MODEL})")
     conv.add_argument("--out", required=True, help="output folder (written atomically)")
     conv.add_argument("--quiet", action="store_true", help="no progress bars")
+    conv.add_argument("--device", default="auto", help="where the source runs for calibration and measured widths: "
+                                                       "auto (CUDA when present), cuda, cuda:N or cpu")
     conv.set_defaults(func=cmd_convert)
 
     ev = sub.add_parser("eval", help="perplexity on real text, chat fidelity against the source (--chat) or "

@@ -27,13 +27,19 @@ class EngineMemory:
     layout: MemoryLayout
     block_size: int
     num_blocks: int
+    weights_dtype: str
+    max_model_len: int
+    sized_by: str  # what set the cache's size: "kv_cache_memory_bytes" or "gpu_memory_utilization=F"
 
     @classmethod
     def of(cls, vllm_config) -> "EngineMemory":
-        config = vllm_config.model_config.hf_config.to_dict()
+        model = vllm_config.model_config
         cache = vllm_config.cache_config
-        return cls(vllm_config.model_config.served_model_name, model_layout(config, cache_dtype(vllm_config)),
-                   cache.block_size, cache.num_gpu_blocks or 0)
+        sized_by = ("kv_cache_memory_bytes" if cache.kv_cache_memory_bytes
+                    else f"gpu_memory_utilization={cache.gpu_memory_utilization}")
+        return cls(model.served_model_name, model_layout(model.hf_config.to_dict(), cache_dtype(vllm_config)),
+                   cache.block_size, cache.num_gpu_blocks or 0, str(model.dtype).removeprefix("torch."),
+                   model.max_model_len, sized_by)
 
     @property
     def capacity_tokens(self) -> int:
@@ -61,5 +67,9 @@ class EngineMemory:
             "blocks_total": self.num_blocks,
             "blocks_used": self.blocks_used(usage),
             "capacity_tokens": self.capacity_tokens,
+            "cache_bytes": self.capacity_tokens * lay.bytes_per_token,
+            "cache_sized_by": self.sized_by,
+            "weights_dtype": self.weights_dtype,
+            "max_model_len": self.max_model_len,
             "usage": usage,
         }

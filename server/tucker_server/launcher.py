@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tucker_serve import options
@@ -31,6 +31,11 @@ DEFAULT_HEAL_MINUTES = 0.0
 MIDDLEWARE = "tucker_server.middleware.TuckerMiddleware"
 PLUGIN = "tucker"  # the name of our entry points in every vLLM plugin group
 ENV_PREFIX = "TUCKER_"
+# What serve asks of vLLM on CPU unless told otherwise: vLLM's CPU backend neither sizes its cache from
+# the machine's memory nor holds a model's whole context in it, and float32 is the CPU's reference
+# dtype. On a GPU (any other platform) vLLM's own choices stand: the checkpoint's dtype, the cache that
+# --gpu-memory-utilization leaves, the model's context (docs/deploy.md).
+CPU_DEFAULTS = {"dtype": "float32", "kv_cache_gb": 1.0, "max_model_len": 2048}
 
 
 @dataclass(frozen=True)
@@ -48,9 +53,13 @@ class ServeOptions:
                                            "anyone who reaches it); without a key only loopback hosts start")
     metrics_need_key: bool = option(False, flag, "put /metrics behind the key too")
     max_body_bytes: int = option(4 * 2**20, int, "largest request body; larger ones get 413")
-    max_model_len: int = option(2048, int, "context length in tokens")
-    kv_cache_gb: float = option(1.0, float, "KV-cache size in GiB")
-    dtype: str = option("float32", str, "weights and activations", choices=("float32", "bfloat16", "float16"))
+    max_model_len: int | None = option(None, int, "context length in tokens", shown="2048 on CPU; elsewhere the model's own")
+    kv_cache_gb: float | None = option(None, float, "KV-cache size in GiB",
+                                       shown="1 on CPU; elsewhere what vLLM's --gpu-memory-utilization leaves")
+    dtype: str | None = option(None, str, "weights and activations (auto: the checkpoint's dtype; vLLM serves a "
+                                          "float32 checkpoint in bfloat16 on a GPU)",
+                               choices=("auto", "float32", "bfloat16", "float16"),
+                               shown="float32 on CPU; elsewhere auto")
     kv_cache_dtype: str = option("auto", str, "KV-cache element type (auto: the weights' dtype; fp8 halves a 16-bit "
                                               "cache and stacks with the Tucker latent)",
                                  choices=served_names())
@@ -129,13 +138,30 @@ def model_folder(opt: ServeOptions) -> tuple[Path, str]:
     return folder, opt.served_model_name or default_name
 
 
-def vllm_arguments(opt: ServeOptions, folder: Path, name: str) -> list[str]:
-    """vLLM server arguments for our options (pass-through arguments come after and win). vLLM's
-    compiled mode stays on everywhere (CUDA graphs on CUDA; on CPU it decodes faster after compiling
-    once at the first start, docs/benchmarks.md); pass --enforce-eager to skip it."""
+def platform_name() -> str:
+    """vLLM's platform on this machine: 'cpu', 'cuda', 'rocm', ..."""
+    from vllm.platforms import current_platform
+
+    return current_platform.device_type
+
+
+def for_platform(opt: ServeOptions, platform: str) -> ServeOptions:
+    """`opt` with the CPU sizes filled in where they were not given (on CPU only)."""
+    if platform != "cpu":
+        return opt
+    return replace(opt, **{k: v for k, v in CPU_DEFAULTS.items() if getattr(opt, k) is None})
+
+
+def vllm_arguments(opt: ServeOptions, folder: Path, name: str, platform: str) -> list[str]:
+    """vLLM server arguments for our options on `platform` (pass-through arguments come after and win):
+    the sizes not given are left to vLLM except on CPU (CPU_DEFAULTS). vLLM's compiled mode stays on
+    everywhere (CUDA graphs on CUDA; on CPU it decodes faster after compiling once at the first start,
+    docs/benchmarks.md); pass --enforce-eager to skip it."""
+    opt = for_platform(opt, platform)
+    sizes = {"--dtype": opt.dtype, "--max-model-len": opt.max_model_len,
+             "--kv-cache-memory-bytes": None if opt.kv_cache_gb is None else int(opt.kv_cache_gb * 2**30)}
     return ["--model", str(folder), "--served-model-name", name, "--host", opt.host, "--port", str(opt.port),
-            "--dtype", opt.dtype, "--kv-cache-dtype", opt.kv_cache_dtype, "--max-model-len", str(opt.max_model_len),
-            "--kv-cache-memory-bytes", str(int(opt.kv_cache_gb * 2**30)),
+            "--kv-cache-dtype", opt.kv_cache_dtype, *[a for k, v in sizes.items() if v is not None for a in (k, str(v))],
             "--tensor-parallel-size", str(opt.tensor_parallel_size),
             "--shutdown-timeout", "30", "--middleware", MIDDLEWARE]
 
@@ -169,7 +195,7 @@ def run(opt: ServeOptions, passthrough: list[str]) -> int:
 
     cli_env_setup()
     parser = make_arg_parser(FlexibleArgumentParser(prog="tucker-serve serve --", description="vLLM server options"))
-    args = parser.parse_args([*vllm_arguments(opt, folder, name), *passthrough])
+    args = parser.parse_args([*vllm_arguments(opt, folder, name, platform_name()), *passthrough])
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
     ServeSubcommand.cmd(args)
