@@ -18,6 +18,22 @@ def test_measured_widths_lie_around_the_uniform_width_below_full_rank():
     assert all(w % 2 == 0 for w in measured_widths(50, 192, 2))
 
 
+def test_the_key_share_splits_each_layers_latent_and_needs_a_ratio():
+    from tucker_serve.calibrate import AttentionShape
+    from tucker_serve.checkpoint import ModelError
+    from tucker_serve.convert import ConvertOptions, choose_ranks
+
+    s = AttentionShape.from_config({"model_type": "llama", "hidden_size": 576, "num_attention_heads": 9,
+                                    "num_key_value_heads": 3, "head_dim": 64})  # SmolLM2-135M: 384 per token
+    assert choose_ranks(s, ConvertOptions(kv_ratio=1.5)) == (128, 128)  # half and half up to 3x
+    assert choose_ranks(s, ConvertOptions(kv_ratio=1.5, key_share=0.375)) == (96, 160)
+    assert choose_ranks(s, ConvertOptions(kv_ratio=1.2, key_share=0.375)) == (120, 192)  # values at full rank
+    with pytest.raises(ModelError, match="key_share=1.0 must lie strictly between 0 and 1"):
+        choose_ranks(s, ConvertOptions(kv_ratio=1.5, key_share=1.0))
+    with pytest.raises(ModelError, match="key_share .* shares out the latent of kv_ratio"):
+        choose_ranks(s, ConvertOptions(full_rank=True, key_share=0.4))
+
+
 def test_cost_steps_follow_the_lower_convex_hull_down_to_zero_at_full_rank():
     # 96 -> 1.3 lies above the chord from 48 to 144 (1.1 there): the hull skips it.
     steps = convex_steps({48: 2.0, 96: 1.3, 144: 0.2}, 192, 2)

@@ -56,6 +56,8 @@ class ConvertOptions:
     measure_windows: int = option(2, int, "with measured widths: text windows, spread over the calibration text")
     copy_window: int = option(0, int, "with measured widths: tokens of the long windows whose repeated passage "
                                       "prices long-range retrieval (0: text windows only)")
+    key_share: float | None = option(None, float, "with --kv-ratio: the share of each layer's latent given to keys "
+                                                  "(default: half up to 3x, more beyond)")
     value_stat: str = option("values", str, "value directions from the values' Gram matrix or the attention "
                                             "outputs'", choices=("values", "outputs"))
 
@@ -67,13 +69,17 @@ def choose_ranks(s: AttentionShape, opt: ConvertOptions) -> tuple[int, int]:
     if sum(chosen) != 1:
         raise ModelError(f"give exactly one of {cite('full_rank', 'kv_ratio', 'key_rank')} (key_rank with "
                          "value_rank)")
+    if opt.key_share is not None and opt.kv_ratio is None:
+        raise ModelError(f"{cite('key_share')} shares out the latent of {cite('kv_ratio')}: give it")
     if opt.full_rank:
         return full, full
     if opt.kv_ratio is not None:
         if not 1 <= opt.kv_ratio <= s.kv_width / 4:
             raise ModelError(invalid("kv_ratio", opt.kv_ratio, f"must lie in [1, {s.kv_width / 4:g}] for this model"))
         total = s.kv_width / opt.kv_ratio
-        fraction = default_key_fraction(opt.kv_ratio)
+        if opt.key_share is not None and not 0 < opt.key_share < 1:
+            raise ModelError(invalid("key_share", opt.key_share, "must lie strictly between 0 and 1"))
+        fraction = default_key_fraction(opt.kv_ratio) if opt.key_share is None else opt.key_share
         if fraction == 0.5:  # equal widths (plain MQA: vLLM's own kernels), at least the asked compression
             key = 2 * int(total // 4)
             return min(key, full), min(key, full)
