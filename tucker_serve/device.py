@@ -1,7 +1,7 @@
-"""Where conversion runs its arithmetic: `--device auto|cuda|cpu|cuda:N` (auto: CUDA when present).
+"""Where conversion and evaluation run the model: `--device auto|cuda|cuda:N|cpu` (auto: CUDA when present).
 
-The result does not depend on the device beyond float rounding: every statistic is summed in
-float64 and every basis is computed from those sums wherever they live.
+The result does not depend on the device beyond float rounding: conversion sums its statistics in
+float64 and computes every basis from those sums on the CPU.
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", required=True, help="output folder (written atomically)")
     conv.add_argument("--quiet", action="store_true", help="no progress bars")
     conv.add_argument("--device", default="auto", help="where the source runs for calibration and measured widths: "
-                                                       "auto (CUDA when present), cuda, cuda:N or cpu")
+                                                       "auto, cuda, cuda:N or cpu (default: auto, CUDA when present)")
     conv.set_defaults(func=cmd_convert)
 
     ev = sub.add_parser("eval", help="perplexity on real text, chat fidelity against the source (--chat) or "
