@@ -21,13 +21,18 @@ import httpx
 from gpu_serve_speed import checkpoints
 from tucker_bench.serving import free_port, serve_command, server_process
 
-CONTEXT = 8192  # the random checkpoints' max_position_embeddings
 
+def expected(platform: str, folder: Path) -> dict:
+    """What /v1/memory must show for the checkpoint in `folder`: serve's CPU_DEFAULTS on CPU, vLLM's
+    own choices elsewhere (the checkpoint's dtype and context, a cache sized by memory utilization)."""
+    from tucker_server.launcher import CPU_DEFAULTS
 
-def expected(platform: str) -> dict:
     if platform == "cpu":
-        return {"weights_dtype": "float32", "max_model_len": 2048, "cache_sized_by": "kv_cache_memory_bytes"}
-    return {"weights_dtype": "bfloat16", "max_model_len": CONTEXT, "cache_sized_by": "gpu_memory_utilization="}
+        return {"weights_dtype": CPU_DEFAULTS["dtype"], "max_model_len": CPU_DEFAULTS["max_model_len"],
+                "cache_sized_by": "kv_cache_memory_bytes"}
+    config = json.loads((folder / "config.json").read_text())
+    return {"weights_dtype": config["dtype"], "max_model_len": config["max_position_embeddings"],
+            "cache_sized_by": "gpu_memory_utilization="}
 
 
 def main() -> None:
@@ -43,7 +48,7 @@ def main() -> None:
     cmd = serve_command(tucker, port, "--enforce-eager", "--", "--skip-tokenizer-init")
     with server_process(cmd, port, out.with_suffix(".log")) as server:
         memory = httpx.get(f"{server['url']}/v1/memory", timeout=10).json()
-    want = expected(platform)
+    want = expected(platform, tucker)
     got = {k: memory[k] for k in want}
     ok = all(got[k].startswith(v) if k == "cache_sized_by" else got[k] == v for k, v in want.items())
     out.write_text(json.dumps({"platform": platform, "passed": ok, "expected": want, "memory": memory}, indent=2))
