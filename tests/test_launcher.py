@@ -7,7 +7,7 @@ import pytest
 
 from tucker_cli import build_parser
 from tucker_server.launcher import (
-    MIDDLEWARE, ServeOptions, add_arguments, options_from, plugin_environment, vllm_arguments,
+    MIDDLEWARE, ServeOptions, add_arguments, options_from, plugin_environment, vllm_arguments, vllm_parser,
 )
 
 
@@ -45,10 +45,7 @@ def test_vllm_arguments_carry_our_options_and_the_middleware(tmp_path):
 
 def vllm_args(args: list[str]):
     """What vLLM's own server parser makes of our arguments."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    return make_arg_parser(FlexibleArgumentParser()).parse_args(args)
+    return vllm_parser().parse_args(args)
 
 
 def test_sizes_not_given_are_cpu_defaults_on_cpu_and_vllms_own_on_a_gpu(tmp_path):

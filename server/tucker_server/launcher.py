@@ -166,6 +166,14 @@ def vllm_arguments(opt: ServeOptions, folder: Path, name: str, platform: str) ->
             "--shutdown-timeout", "30", "--middleware", MIDDLEWARE]
 
 
+def vllm_parser():
+    """vLLM's own server argument parser, which reads what vllm_arguments builds."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser(prog="tucker-serve serve --", description="vLLM server options"))
+
+
 def plugin_environment(opt: ServeOptions, environ=os.environ) -> None:
     """Enable our vLLM plugins and configure the middleware, before vLLM reads its environment."""
     named = [p for p in environ.get("VLLM_PLUGINS", "").split(",") if p]
@@ -188,14 +196,12 @@ def run(opt: ServeOptions, passthrough: list[str]) -> int:
     print(f"tucker-serve: {who}", flush=True)
     plugin_environment(opt)
     from vllm.entrypoints.cli.serve import ServeSubcommand
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     cli_env_setup()
-    parser = make_arg_parser(FlexibleArgumentParser(prog="tucker-serve serve --", description="vLLM server options"))
-    args = parser.parse_args([*vllm_arguments(opt, folder, name, platform_name()), *passthrough])
+    args = vllm_parser().parse_args([*vllm_arguments(opt, folder, name, platform_name()), *passthrough])
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
     ServeSubcommand.cmd(args)
