@@ -8,13 +8,16 @@ attention outputs over every group's values (y_h = A_h V). Conversion turns them
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from tucker_serve.families import Family, rope_parameters, supported_family
+from tucker_serve.paths import cache_dir
 from tucker_serve.rope import apply_rope, llama_inv_freq, rope_cos_sin
 
 
@@ -79,6 +82,7 @@ def as_complex(x: torch.Tensor) -> torch.Tensor:
 
 
 QUERIES = 1024  # attention statistics read at most this many query positions per window (evenly spaced)
+QUERY_CHUNK_BYTES = 2**25  # ...in chunks whose attention probabilities (float32, H x queries x T) fit this
 
 
 @torch.no_grad()
@@ -90,31 +94,36 @@ def accumulate(stats: LayerStats, attn, x: torch.Tensor, s: AttentionShape) -> N
     """
     T, device = x.shape[0], x.device
     q, k, v = project_qkv(attn, x, s)
-    zk, zq = as_complex(k), as_complex(q)  # (T, G, D/2), (T, H, D/2)
+    zk = as_complex(k)  # (T, G, D/2)
     stats.key_cov += torch.einsum("tgk,thk->kgh", zk, zk.conj())
-    stats.query_energy += zq.abs().square().sum(0)
+    for part in q.split(MLP_TOKENS):  # |zq|^2 (T, H, D/2) in float64, a part at a time
+        stats.query_energy += as_complex(part).abs().square().sum(0)
     vs = v.flatten(1)  # (T, G*D)
     stats.value_gram += (vs.T @ vs).double()
     stride = max(1, T // QUERIES)
     at = torch.arange(stride - 1, T, stride, device=device)  # query positions read, the last one included
     positions, inv_freq = torch.arange(T, device=device), s.inv_freq.to(device)
     cos, sin = rope_cos_sin(inv_freq, positions)
-    qr = apply_rope(q[at], cos[at, None], sin[at, None]).transpose(0, 1)  # (H, S, D)
-    kr = apply_rope(k, cos[:, None], sin[:, None]).transpose(0, 1)  # (G, T, D)
-    scores = qr @ kr.repeat_interleave(s.heads // s.groups, 0).transpose(1, 2) * s.head_dim**-0.5
-    probs = scores.masked_fill(positions[None] > at[:, None], float("-inf")).softmax(-1)  # (H, S, T)
-    y = probs @ vs  # (H, S, G*D): head h's attention applied to every group's values
+    kr = apply_rope(k, cos[:, None], sin[:, None]).transpose(0, 1).repeat_interleave(s.heads // s.groups, 0)
     # Softmax ignores logit errors common to all keys of a query: what matters is the spread of
     # the (rotated) keys under each query's attention, E_A[w w^H] - E_A[w] E_A[w]^H.
     zk32 = zk.to(torch.complex64)
-    received = probs.sum((0, 1))  # (T,): attention each key receives, over heads and queries
     wz = zk32 * torch.polar(torch.ones_like(cos), positions[:, None] * inv_freq)[:, None].to(torch.complex64)
     flat = torch.view_as_real(wz).flatten(1)  # (T, G*D/2*2)
-    mu = torch.view_as_complex((probs @ flat).unflatten(-1, (s.groups, s.head_dim // 2, 2)).contiguous())
+    received = torch.zeros(T, device=device)  # attention each key receives, over heads and queries
+    second = torch.zeros_like(stats.key_attn_cov, dtype=torch.complex64)
+    for chunk in at.split(max(1, QUERY_CHUNK_BYTES // (4 * s.heads * T))):  # bounded (H, queries, T) tensors
+        qr = apply_rope(q[chunk], cos[chunk, None], sin[chunk, None]).transpose(0, 1)  # (H, S, D)
+        scores = qr @ kr.transpose(1, 2) * s.head_dim**-0.5
+        probs = scores.masked_fill_(positions[None] > chunk[:, None], float("-inf")).softmax(-1)  # (H, S, T)
+        del scores
+        y = probs @ vs  # (H, S, G*D): head h's attention applied to every group's values
+        stats.out_gram += stride * (y.transpose(1, 2) @ y).double()
+        received += probs.sum((0, 1))
+        mu = torch.view_as_complex((probs @ flat).unflatten(-1, (s.groups, s.head_dim // 2, 2)).contiguous())
+        second += torch.einsum("mtgk,mthk->kgh", mu, mu.conj())
     first = torch.einsum("t,tgk,thk->kgh", received.to(torch.complex64), zk32, zk32.conj())
-    second = torch.einsum("mtgk,mthk->kgh", mu, mu.conj())
     stats.key_attn_cov += stride * (first - second).to(torch.complex128)
-    stats.out_gram += stride * (y.transpose(1, 2) @ y).double()
     stats.tokens += T
 
 
@@ -138,33 +147,84 @@ def calibrated(model, model_key: str, token_ids: torch.Tensor, window: int, prog
         _kept.move_to_end(key)
         return _kept[key]
     stats = collect(model, token_ids, window, progress)
+    if isinstance(stats, SpilledStats):  # on disk: not kept
+        return stats
     _kept[key] = stats
     while _kept and sum(map(stats_bytes, _kept.values())) > KEPT_BYTES:
         _kept.popitem(last=False)  # the oldest first; a single entry over the bound is not kept either
     return stats
 
 
-@torch.no_grad()
-def collect(model, token_ids: torch.Tensor, window: int, progress: bool = True) -> list[LayerStats]:
-    """Run a transformers Llama-family model over `token_ids` in windows, on the model's device;
-    statistics per layer, on the CPU."""
-    s = AttentionShape.from_config(model.config.to_dict())
-    layers = model.model.layers
-    device = model.device
-    stats = [LayerStats.zeros(s, device) for _ in layers]
+MLP_TOKENS = 512  # calibration runs each layer's MLP over this many tokens at a time (TokenChunks)
+IN_MEMORY_BYTES = 2**28  # a model's statistics above this go to disk (SpilledStats), a layer at a time
 
-    def hook(index):
+
+@torch.no_grad()
+def collect(model, token_ids: torch.Tensor, window: int, progress: bool = True):
+    """Run a transformers Llama-family model over `token_ids` in windows, one layer at a time on the
+    model's device: every window's hidden states pass through layer i while its statistics gather,
+    then on to layer i+1. So only one layer's statistics are ever on the device, and the LM head
+    never runs. Per layer, on the CPU: a list, or SpilledStats when they are over IN_MEMORY_BYTES
+    (an 8B model's are 9 GB, mostly the per-head output Gram matrices)."""
+    s = AttentionShape.from_config(model.config.to_dict())
+    body, device = model.model, model.device
+    windows = token_ids.split(window)
+    hidden = [body.embed_tokens(w[None].to(device)).float() for w in windows]
+    positions = [torch.arange(w.numel(), device=device)[None] for w in windows]
+    rotary = [body.rotary_emb(x, pos) for x, pos in zip(hidden, positions)]
+    spill = stats_bytes([LayerStats.zeros(s, "meta")]) * len(body.layers) > IN_MEMORY_BYTES
+    stats = SpilledStats() if spill else []
+    for layer in tqdm(body.layers, desc="calibrating", unit="layer", disable=not progress):
+        st = LayerStats.zeros(s, device)
+
         def grab(module, args, kwargs):
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            accumulate(stats[index], module, x[0].float(), s)
-        return grab
+            accumulate(st, module, x[0].float(), s)
 
-    handles = [layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        chunks = token_ids.split(window)
-        for chunk in tqdm(chunks, desc="calibrating", unit="window", disable=not progress):
-            model(chunk[None].to(device))
-    finally:
-        for h in handles:
-            h.remove()
-    return [st.to("cpu") for st in stats]
+        handle = layer.self_attn.register_forward_pre_hook(grab, with_kwargs=True)
+        mlp, layer.mlp = layer.mlp, TokenChunks(layer.mlp)
+        try:
+            for w in range(len(hidden)):  # in place: one window's old states at a time
+                hidden[w] = layer(hidden[w], position_embeddings=rotary[w], position_ids=positions[w])
+        finally:
+            handle.remove()
+            layer.mlp = mlp
+        stats.append(st.to("cpu"))
+    return stats
+
+
+class TokenChunks(torch.nn.Module):
+    """A per-token module (the MLP) run over MLP_TOKENS tokens at a time: its activations on a long
+    window are several times the hidden states' size (3 x 4,096 x 8,192 floats, 0.4 GB, in a 1B model)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.inner(part) for part in x.split(MLP_TOKENS, dim=-2)], dim=-2)
+
+
+class SpilledStats:
+    """Per-layer statistics in a temporary folder of the cache, read back a layer at a time (the
+    last one read stays in memory: conversion reads each layer's several times in a row)."""
+
+    def __init__(self) -> None:
+        root = cache_dir() / "tmp"
+        root.mkdir(parents=True, exist_ok=True)
+        self._dir = tempfile.TemporaryDirectory(prefix="calibration-", dir=root)
+        self._count, self._last = 0, (None, None)
+
+    def append(self, st: LayerStats) -> None:
+        torch.save(vars(st), Path(self._dir.name) / f"{self._count}.pt")
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i: int) -> LayerStats:
+        if not 0 <= i < self._count:
+            raise IndexError(i)
+        if self._last[0] != i:
+            self._last = (i, LayerStats(**torch.load(Path(self._dir.name) / f"{i}.pt", weights_only=True)))
+        return self._last[1]

@@ -24,7 +24,7 @@ from tucker_serve.rope import basis_freqs, complex_basis_map
 from tucker_serve.checkpoint import ModelError, converted_config, one_or_list, write_folder
 from tucker_serve.device import compute_device, release
 from tucker_serve.options import cite, flag, invalid, option, options_record
-from tucker_serve.sources import load_hf_model, load_tokenizer, resolve
+from tucker_serve.sources import load_source, load_tokenizer, resolve
 from tucker_serve.text import text_tokens
 
 
@@ -43,7 +43,8 @@ class ConvertOptions:
     # thousands back, and retrieval at 4k tokens collapsed (docs/quality.md, "Long context").
     calib_window: int = option(4096, int, "tokens per calibration window (at most the calibration and the "
                                           "source's context)")
-    dtype: str = option("float32", str, "dtype of the converted weights", choices=("float32", "bfloat16", "float16"))
+    dtype: str = option("auto", str, "dtype of the converted weights (auto: the source checkpoint's)",
+                        choices=("auto", "float32", "bfloat16", "float16"))
     key_metric: str = option("attention", str, "key importance (see key_bases): attention-centred and "
                                                "query-weighted, query-weighted, or raw",
                              choices=("attention", "query", "plain"))
@@ -249,10 +250,13 @@ def convert(model_spec: str, out_dir, opt: ConvertOptions, progress: bool = True
     if s.heads * s.head_dim > s.hidden:
         raise ModelError(f"{model_spec}: heads x head_dim > hidden_size is not supported")
     r3, rt3 = choose_ranks(s, opt)
-    dtype = getattr(torch, opt.dtype, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ModelError(invalid("dtype", opt.dtype, "must be float32, bfloat16 or float16"))
-    model, tokenizer = load_hf_model(source.folder).to(on), load_tokenizer(source.folder)
+    dtype = getattr(torch, opt.dtype, None) if opt.dtype != "auto" else "auto"
+    if dtype != "auto" and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ModelError(invalid("dtype", opt.dtype, "must be auto, float32, bfloat16 or float16"))
+    # in its own dtype, computing in float32: memory stays near the checkpoint's size (docs/deploy.md)
+    model, tokenizer = load_source(source.folder, on), load_tokenizer(source.folder)
+    dtype = model.dtype if dtype == "auto" else dtype
+    dtype_name = str(dtype).removeprefix("torch.")
     ids, window, texts = calibration_tokens(model, tokenizer, source.folder, opt, progress)
     stats = calibrated(model, str(source.folder.resolve()), ids, window, progress)
     state = {k: v for k, v in model.state_dict().items() if ".self_attn." not in k}
@@ -264,18 +268,19 @@ def convert(model_spec: str, out_dir, opt: ConvertOptions, progress: bool = True
     for i, layer in enumerate(tqdm(layers, desc="converting", unit="layer", disable=not progress)):
         tensors, f, row = convert_layer(layer.self_attn, stats[i], s, *widths[i], opt)
         row = {"key_rank": widths[i][0], "value_rank": widths[i][1], **row, **(costs[i] if costs else {})}
-        state.update({f"model.layers.{i}.self_attn.{k}": v for k, v in tensors.items()})
+        state.update({f"model.layers.{i}.self_attn.{k}": v.to("cpu", dtype) for k, v in tensors.items()})
         freqs.append(f.tolist())
         rows.append(row)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
     del model, layers
     release(on)
     r3s, rt3s = [w[0] for w in widths], [w[1] for w in widths]
-    report = build_report(model_spec, s, r3s, rt3s, opt, texts, ids.numel(), window, rows, time.time() - start)
+    report = build_report(model_spec, s, r3s, rt3s, opt, dtype_name, texts, ids.numel(), window, rows,
+                          time.time() - start)
     report["device"] = str(on)
     config = converted_config(cfg, heads=s.heads, head_dim=s.head_dim, r3=r3s, rt3=rt3s,
                               qkv_bias=s.family.has_qkv_bias(cfg),
-                              source_kv_width=s.kv_width, latent_rope_freqs=freqs, dtype=opt.dtype)
+                              source_kv_width=s.kv_width, latent_rope_freqs=freqs, dtype=dtype_name)
     write_folder(out_dir, config, state, report, tokenizer_from=source.folder)
     return report
 
@@ -310,16 +315,16 @@ def layer_widths(model, ids: torch.Tensor, stats: list[LayerStats], s: Attention
     return choose(costs, len(layers) * sum(uniform), full), rows
 
 
-def build_report(spec, s, r3s, rt3s, opt, texts, tokens, window, rows, seconds) -> dict:
-    layout = cl.MemoryLayout(tuple(cl.tucker_kv_width(a, b) for a, b in zip(r3s, rt3s)), s.kv_width, opt.dtype)
+def build_report(spec, s, r3s, rt3s, opt, dtype, texts, tokens, window, rows, seconds) -> dict:
+    layout = cl.MemoryLayout(tuple(cl.tucker_kv_width(a, b) for a, b in zip(r3s, rt3s)), s.kv_width, dtype)
     return {
         "source": spec,
         "key_rank": one_or_list(r3s), "value_rank": one_or_list(rt3s),
-        "bytes_per_token_per_layer": {"source": s.kv_width * cl.dtype_bytes(opt.dtype),
+        "bytes_per_token_per_layer": {"source": s.kv_width * cl.dtype_bytes(dtype),
                                       "converted": layout.bytes_per_token_per_layer},
         "bytes_per_token": {"source": layout.source_bytes_per_token, "converted": layout.bytes_per_token},
         "compression_ratio": round(layout.compression_ratio, 6),
-        "dtype": opt.dtype,
+        "dtype": dtype,
         "calibration": {"text": texts, "tokens": tokens, "window": window,
                         "key_metric": opt.key_metric, "value_stat": opt.value_stat,
                         "layer_widths": opt.layer_widths,

@@ -147,6 +147,44 @@ def load_hf_model(folder: Path, dtype=None):
     return model.eval()
 
 
+def load_source(folder: Path, device="cpu"):
+    """The source as conversion runs it: its weights kept in the checkpoint's own dtype (an 8B
+    bfloat16 model holds 16 GB, not 32), computing in float32 a module at a time (float32_compute)."""
+    model = load_hf_model(folder, dtype="auto").to(device)
+    float32_compute(model)
+    return model
+
+
+def float32_compute(model) -> None:
+    """Make a transformers Llama-family model whose weights are stored narrower than float32 compute
+    in float32 as a float32 copy of it would: the embedding's output is float32 (so are RoPE's cos and
+    sin, which follow it), and every other module with weights of its own (a linear map, a norm, the
+    LM head) holds float32 copies of them only while it runs; then the stored tensors themselves are
+    back. So at most one matrix is in float32 at a time. A float32 model is left as it is."""
+    import torch
+
+    if all(p.dtype == torch.float32 for p in model.parameters()):
+        return
+    embed = model.get_input_embeddings()
+    embed.register_forward_hook(lambda module, args, out: out.float())
+    for module in model.modules():
+        if module is not embed and next(module.parameters(recurse=False), None) is not None:
+            module.register_forward_pre_hook(_upcast)
+            module.register_forward_hook(_restore)
+
+
+def _upcast(module, args) -> None:
+    params = list(module.parameters(recurse=False))
+    module.__dict__.setdefault("_tucker_stored", [p.data for p in params])  # kept if a run before raised
+    for p in params:
+        p.data = p.data.float()
+
+
+def _restore(module, args, out) -> None:
+    for p, stored in zip(module.parameters(recurse=False), module.__dict__.pop("_tucker_stored")):
+        p.data = stored  # the very tensors stored: a cast back would be a second copy of them
+
+
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
