@@ -4,7 +4,8 @@
 #   1. the CUDA paths against the float64 CPU reference (tests/test_gpu.py): the TUCKER backend's
 #      dispatch (Triton decode + prefill) on mixed batches with bf16, fp16 and fp8 (e4m3, e5m2)
 #      caches, shared latents, the reference model's attention (flash-attention or SDPA), and
-#      conversion's calibration and measured widths, perplexity and teacher forcing on CUDA against the CPU;
+#      conversion's calibration and measured widths, perplexity and teacher forcing, and converting and
+#      healing a tiny bfloat16 checkpoint (float32 and bf16 autocast) on CUDA against the CPU;
 #   2. the Triton kernel's error limit and its decode bandwidth as a fraction of the device's
 #      measured copy bandwidth (bench/gpu_decode.py, which fails above --max-rel-error);
 #   3. where vLLM is installed (pip install "tucker-serve[gpu]"), the vLLM parity tests of the

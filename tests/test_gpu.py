@@ -1,8 +1,9 @@
 """The CUDA paths against the float64 PyTorch reference on the CPU (skipped without a GPU; run by
 bench/gpu_check.sh on a lent GPU machine): the TUCKER backend's dispatch (Triton decode, prefill) on
 mixed batches with 16-bit and fp8 caches, shared latents, and the reference model's attention
-(flash-attention when installed, else SDPA); conversion's calibration and measured widths, and
-evaluation's perplexity and teacher forcing, on CUDA against the same on the CPU."""
+(flash-attention when installed, else SDPA); conversion's calibration and measured widths,
+evaluation's perplexity and teacher forcing, and conversion and healing of a bfloat16 checkpoint, on
+CUDA against the same on the CPU."""
 
 import pytest
 import torch
@@ -119,3 +120,36 @@ def test_perplexity_and_teacher_forcing_on_cuda_match_the_cpu():
     assert got["cuda"][0] == pytest.approx(got["cpu"][0], rel=1e-4)
     assert got["cuda"][1]["kl"] == pytest.approx(got["cpu"][1]["kl"], rel=1e-3)
     assert got["cuda"][1]["answer_tokens"] == got["cpu"][1]["answer_tokens"] == 12
+
+
+def test_conversion_and_healing_on_cuda_follow_the_cpu(smollm2, tmp_path, monkeypatch):
+    """A bfloat16 tiny Llama converts on CUDA as on the CPU, healing's float32 steps on CUDA follow the
+    CPU's losses, and with bfloat16 autocast on CUDA they stay within its rounding."""
+    from dataclasses import replace
+
+    import transformers as tf
+
+    from helpers import TINY_SOURCE, save_source
+    from tucker_serve.convert import ConvertOptions, convert
+    from tucker_serve.heal import HealOptions, heal
+
+    monkeypatch.setenv("TUCKER_SERVE_CACHE", str(tmp_path / "cache"))  # one teacher pool, read back by the second run
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**TINY_SOURCE)).to(torch.bfloat16)
+    source = save_source(model, tmp_path / "source", smollm2.folder)
+    opt = ConvertOptions(kv_ratio=2.0, calib_text="wiki", calib_tokens=1024, calib_window=256)
+    reports = {d: convert(str(source), tmp_path / f"2x-{d}", opt, progress=False, device=d) for d in ("cpu", "cuda")}
+    assert reports["cuda"]["device"].startswith("cuda") and reports["cuda"]["dtype"] == "bfloat16"
+    for a, b in zip(reports["cpu"]["layers"], reports["cuda"]["layers"]):
+        assert b["key_energy"] == pytest.approx(a["key_energy"], rel=1e-4)
+        assert b["value_energy"] == pytest.approx(a["value_energy"], rel=1e-4)
+    heal_opt = HealOptions(steps=4, batch=4, seq=64, chat=0, text="wiki", teacher_windows=16, eval_tokens=0, bf16=False)
+    healed = {d: heal(tmp_path / "2x-cpu", tmp_path / f"healed-{d}", heal_opt, progress=False, device=d)["healing"]
+              for d in ("cpu", "cuda")}
+    assert healed["cuda"]["device"].startswith("cuda")
+    torch.testing.assert_close(torch.tensor(healed["cuda"]["kl_per_step"]), torch.tensor(healed["cpu"]["kl_per_step"]),
+                               rtol=1e-3, atol=1e-6)
+    bf16 = heal(tmp_path / "2x-cpu", tmp_path / "healed-bf16", replace(heal_opt, bf16=True), progress=False,
+                device="cuda")["healing"]  # the same windows in the same order, bfloat16 rounding
+    torch.testing.assert_close(torch.tensor(bf16["kl_per_step"]), torch.tensor(healed["cuda"]["kl_per_step"]),
+                               rtol=5e-2, atol=1e-3)

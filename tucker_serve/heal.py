@@ -34,7 +34,8 @@ from tucker_serve.cache_dtypes import rounding_dtypes
 from tucker_serve.checkpoint import ModelError, read_config, write_folder
 from tucker_serve.options import cite, invalid, option, options_record
 from tucker_serve.teacher import TeacherTargets, pool_path, topk_kl
-from tucker_serve.sources import load_hf_model, load_tokenizer, resolve
+from tucker_serve.device import Ranks, compute_device, ranks_on, release
+from tucker_serve.sources import load_source, load_tokenizer, resolve
 from tucker_serve.text import load_text, text_tokens
 
 TRAINED = ("q_core", "k_latent", "v_latent", "o_core")
@@ -139,7 +140,7 @@ def cache_attention_io(teacher, windows: torch.Tensor):
     handles = [layer.self_attn.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         for w in windows:
-            teacher(w[None])
+            teacher(w[None].to(teacher.device))
     finally:
         for h in handles:
             h.remove()
@@ -163,7 +164,7 @@ def heal_layer(attn, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, ba
                seconds: float | None = None) -> tuple[float, float, int]:
     """Fit one attention to the source outputs y on inputs x for `steps` steps or `seconds`,
     whichever ends first; keep the result only if it helps."""
-    positions = torch.arange(x.shape[1])
+    positions = torch.arange(x.shape[1], device=x.device)
     before = relative_error(attn, x, y, positions)
     saved = {k: v.clone() for k, v in attn.state_dict().items()}
     params = attention_params(attn)
@@ -199,34 +200,41 @@ def local_phase(student: TuckerLlama, teacher, windows: Windows, opt: HealOption
 
 
 def global_phase(student, teacher, windows: Windows, opt: HealOptions, deadline: float | None, progress: bool,
-                 targets: TeacherTargets | None = None):
+                 targets: TeacherTargets | None = None, ranks: Ranks = Ranks()):
     """KL steps until the budget ends: batches from the pool of `targets`, or fresh windows with a
-    teacher forward each when there is none."""
+    teacher forward each when there is none.
+
+    Under torchrun every rank draws the same global batch of `opt.batch` windows and trains on its
+    share of them; DistributedDataParallel (which starts every rank from rank 0's weights) averages
+    the gradients, so a step is the single-process step on the global batch, up to float rounding."""
     order = torch.Generator().manual_seed(opt.seed + 1)
     params = [p for block in student.model.layers for p in attention_params(block.self_attn)]
     optimizer = relative_adam(params, opt.lr)
+    on = next(student.parameters()).device
+    model = student if ranks.world == 1 else torch.nn.parallel.DistributedDataParallel(student)
+    mine = slice(ranks.rank, None, ranks.world)
     start, step, losses = time.time(), 0, []
     budget = (deadline - start) if deadline else None
     bar = tqdm(total=opt.steps if budget is None else int(max(budget, 0)), disable=not progress,
                desc="healing (KL)", unit="step" if budget is None else "s")
     student.train()
-    while (done := budget_used(step, opt.steps, start, budget)) < 1:
+    while (done := ranks.agree(budget_used(step, opt.steps, start, budget))) < 1:
         set_schedule(optimizer, done)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opt.bf16):
+        with torch.autocast(on.type, dtype=torch.bfloat16, enabled=opt.bf16):
             if targets is not None:
-                batch, top_logp, top_ids = targets.sample(opt.batch, order)
-                loss = topk_kl(student(batch), top_logp, top_ids)
+                batch, top_logp, top_ids = (t[mine].to(on) for t in targets.sample(opt.batch, order))
+                loss = topk_kl(model(batch), top_logp, top_ids)
             else:
-                batch = windows.sample(opt.batch, opt.seq)
+                batch = windows.sample(opt.batch, opt.seq, order)[mine].to(on)
                 with torch.no_grad():
                     target = teacher(batch).logits
-                loss = kl_loss(student(batch), target)
+                loss = kl_loss(model(batch), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         step += 1
-        losses.append(loss.item())
+        losses.append(ranks.mean(loss))
         bar.update(1 if budget is None else int(time.time() - start) - bar.n)
         bar.set_postfix(kl=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
     bar.close()
@@ -234,8 +242,16 @@ def global_phase(student, teacher, windows: Windows, opt: HealOptions, deadline:
     return step, losses
 
 
-def heal(model_dir, out_dir, opt: HealOptions, progress: bool = True) -> dict:
-    """Distil `model_dir` (a Tucker folder) against its source; write the result to `out_dir`."""
+def heal(model_dir, out_dir, opt: HealOptions, progress: bool = True, device: str = "auto") -> dict:
+    """Distil `model_dir` (a Tucker folder) against its source on `device` (tucker_serve.device);
+    write the result to `out_dir`. Under torchrun, every process trains on its share of each batch
+    (global_phase) and rank 0 computes the source's answers and outputs first, evaluates and writes;
+    every rank returns the report."""
+    with ranks_on(compute_device(device)) as (ranks, on):
+        return _heal(model_dir, out_dir, opt, progress and ranks.main, on, ranks)
+
+
+def _heal(model_dir, out_dir, opt: HealOptions, progress: bool, on: torch.device, ranks: Ranks) -> dict:
     if (opt.steps is None) == (opt.minutes is None):
         raise ModelError(f"give exactly one of {cite('steps', 'minutes')}")
     folder = resolve(str(model_dir))
@@ -248,35 +264,44 @@ def heal(model_dir, out_dir, opt: HealOptions, progress: bool = True) -> dict:
     if opt.kv_cache_dtype != "auto" and opt.kv_cache_dtype not in rounding:
         raise ModelError(invalid("kv_cache_dtype", opt.kv_cache_dtype,
                                  f"is not a cache healing knows: {', '.join(['auto', *rounding])}"))
-    student = TuckerLlama.from_pretrained(folder.folder, cache_dtype=rounding.get(opt.kv_cache_dtype))
+    if opt.batch % ranks.world:
+        raise ModelError(invalid("batch", opt.batch, f"must be a multiple of the {ranks.world} processes"))
+    student = TuckerLlama.from_pretrained(folder.folder, cache_dtype=rounding.get(opt.kv_cache_dtype)).to(on)
     for p in student.parameters():
         p.requires_grad_(False)
     for block in student.model.layers:
         for p in attention_params(block.self_attn):
             p.requires_grad_(True)
-    teacher = load_hf_model(source.folder)
+    teacher = load_source(source.folder, on)
     tokenizer = load_tokenizer(folder.folder)
     eval_windows = text_windows(tokenizer, load_text(opt.eval_text, "eval"), opt.eval_tokens, 1024) \
-        if opt.eval_tokens else None  # 0: no perplexity check (it costs a minute of the budget's time)
-    before = perplexity(student, eval_windows, progress=False) if eval_windows is not None else None
+        if opt.eval_tokens and ranks.main else None  # 0: no perplexity check (a minute of the budget's time)
+    lm = lambda ids: student(ids.to(on))  # noqa: E731
+    before = perplexity(lm, eval_windows, progress=False) if eval_windows is not None else None
     tokens = torch.tensor([i for t in opt.text.split(",") for i in text_tokens(tokenizer, t.strip(), 400_000)])
     start = time.time()
     deadline = start + opt.minutes * 60 if opt.minutes is not None else None
     chats = None
-    if opt.chat > 0 and can_chat(tokenizer, source.folder.name, "healing on text only"):
-        chats = source_chats(teacher, tokenizer, source.folder, opt.chat_prompts, opt.answer_tokens, progress)
-    windows = Windows(tokens, chats, opt.chat)
-    chat_minutes = (time.time() - start) / 60
-    targets, reused = teacher_pool(teacher, windows, source.folder, opt, deadline, progress)
+    with ranks.main_first():  # the source's answers and outputs are kept in the cache folder
+        if opt.chat > 0 and can_chat(tokenizer, source.folder.name, "healing on text only"):
+            chats = source_chats(teacher, tokenizer, source.folder, opt.chat_prompts, opt.answer_tokens, progress)
+        windows = Windows(tokens, chats, opt.chat)
+        chat_minutes = (time.time() - start) / 60
+        targets, reused = teacher_pool(teacher, windows, source.folder, opt, deadline, progress)
+    if targets is not None and ranks.world > 1:  # rank 0's pool on every rank, even if a deadline cut it short
+        n = int(ranks.agree(len(targets)))
+        targets = TeacherTargets(targets.windows[:n], targets.ids[:n], targets.logp[:n])
     teacher_minutes = (time.time() - start) / 60 - chat_minutes
     local_deadline = None if deadline is None else time.time() + opt.local_share * (deadline - time.time())
     wanted = opt.local_steps > 0 and (deadline is None or opt.local_share > 0)
     local = local_phase(student, teacher, windows, opt, local_deadline, progress) if wanted else []
     local_minutes = (time.time() - start) / 60 - chat_minutes - teacher_minutes
-    steps, losses = global_phase(student, teacher, windows, opt, deadline, progress, targets)
+    steps, losses = global_phase(student, teacher, windows, opt, deadline, progress, targets, ranks)
+    del teacher
+    release(on)
     minutes = (time.time() - start) / 60
     kl_minutes = max(minutes - local_minutes - chat_minutes - teacher_minutes, 1e-6)
-    after = perplexity(student, eval_windows, progress=False) if eval_windows is not None else None
+    after = perplexity(lm, eval_windows, progress=False) if eval_windows is not None else None
     report["healing"] = {
         **healing_record(opt), "source": source.spec, "chat_answer_minutes": round(chat_minutes, 2),
         "chat_tokens": 0 if chats is None else chats.numel(), "local_minutes": round(local_minutes, 2),
@@ -289,11 +314,13 @@ def heal(model_dir, out_dir, opt: HealOptions, progress: bool = True) -> dict:
         "kl_steps_per_minute": round(steps / kl_minutes, 2),
         "kl_tokens_per_minute": round(steps * opt.batch * opt.seq / kl_minutes),
         "final_kl": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 5),
+        "kl_per_step": [round(x, 6) for x in losses], "device": str(on), "processes": ranks.world,
         "perplexity_before": before and round(before.perplexity, 4),
         "perplexity_after": after and round(after.perplexity, 4),
         "eval_tokens": after and after.tokens, "trained": list(TRAINED), "layers": local,
     }
-    save_folder(student, folder.folder, Path(out_dir), report)
+    if ranks.main:
+        save_folder(student, folder.folder, Path(out_dir), report)
     return report
 
 
@@ -324,7 +351,7 @@ def save_folder(model: TuckerLlama, src: Path, dest: Path, report: dict) -> None
     """The healed weights, in the dtype of `src`, beside its config.json and tokenizer files."""
     config = read_config(src)
     dtype = getattr(torch, config.get("dtype", "float32"))
-    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     if model.cfg.tie_word_embeddings:
         state.pop("lm_head.weight")
     write_folder(dest, config, state, report, tokenizer_from=src)

@@ -76,12 +76,12 @@ class TeacherTargets:
                           disable=not progress or have >= len(windows)):
             if deadline is not None and done > 0 and time.time() > deadline:
                 break
-            chunk = windows[start: start + batch].long()
+            chunk = windows[start: start + batch].long().to(next(teacher.parameters()).device)
             with torch.no_grad(), torch.autocast(chunk.device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = teacher(chunk).logits
             values, index = F.log_softmax(out.float(), -1).topk(top, -1)
-            ids.append(index.to(torch.int32))
-            logp.append(values.to(torch.float16))
+            ids.append(index.to("cpu", torch.int32))
+            logp.append(values.to("cpu", torch.float16))
             done += len(chunk)
         targets = cls(windows[:done], torch.cat(ids), torch.cat(logp))
         if path is not None and done > kept:

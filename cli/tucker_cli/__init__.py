@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from tucker_serve import cache_layout as cl
@@ -131,7 +132,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_heal(args: argparse.Namespace) -> int:
     from tucker_serve.heal import HealOptions, heal
 
-    h = heal(args.model, args.out, options_from(args, HealOptions), progress=True)["healing"]
+    h = heal(args.model, args.out, options_from(args, HealOptions), progress=True, device=args.device)["healing"]
+    if h["processes"] > 1 and os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun rank 0 writes and reports
     print(f"wrote {args.out}: perplexity {h['perplexity_before']:.3f} -> {h['perplexity_after']:.3f} after "
           f"{h['chat_answer_minutes']:.1f} min of source answers, {h['local_minutes']:.1f} min of per-layer fitting "
           f"and {h['global_steps']} KL steps ({h['minutes_done']:.1f} min in all)")
@@ -188,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                           options="tucker_serve.heal:HealOptions")
     heal.add_argument("--model", required=True, help="a Tucker folder")
     heal.add_argument("--out", required=True, help="output folder")
+    heal.add_argument("--device", default="auto", help="where healing runs: auto, cuda, cuda:N or cpu (default: "
+                                                       "auto, CUDA when present; under torchrun each rank's GPU)")
     heal.set_defaults(func=cmd_heal)
 
     bench = sub.add_parser("bench", help="KV capacity, quality and decode speed: the source and Tucker conversions, "
