@@ -13,7 +13,7 @@ from tucker_serve.checkpoint import ModelError
 from tucker_serve.device import compute_device
 from tucker_serve.long_context import LENGTHS
 from tucker_serve.options import flag, invalid, listing, option
-from tucker_serve.sources import load_hf_model, load_tokenizer, resolve
+from tucker_serve.sources import load_source, load_tokenizer, resolve
 from tucker_serve.text import load_text
 
 
@@ -60,7 +60,7 @@ def load_lm(spec: str, device: str = "cpu"):
     if source.is_tucker:
         tucker = TuckerLlama.from_pretrained(source.folder).to(on)
         return (lambda ids: tucker(ids.to(on))), tokenizer, source
-    hf = load_hf_model(source.folder).to(on)
+    hf = load_source(source.folder, on)  # in its own dtype, computing in float32
     return (lambda ids: hf(ids.to(on)).logits), tokenizer, source
 
 
