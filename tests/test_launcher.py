@@ -7,7 +7,8 @@ import pytest
 
 from tucker_cli import build_parser
 from tucker_server.launcher import (
-    MIDDLEWARE, ServeOptions, add_arguments, options_from, plugin_environment, vllm_arguments, vllm_parser,
+    MIDDLEWARE, ServeOptions, add_arguments, model_folder, options_from, plugin_environment, vllm_arguments,
+    vllm_parser,
 )
 
 
@@ -124,3 +125,27 @@ def test_serve_refuses_an_open_public_host_before_building_anything(tmp_path):
                            "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120,
                           env={"PATH": "/usr/bin:/bin", "TUCKER_API_KEY": ""})
     assert proc.returncode == 2 and "TUCKER_API_KEY is empty" in proc.stderr
+
+
+def test_serve_builds_a_missing_conversion_in_another_process(smollm2, tmp_path, monkeypatch):
+    """On a GPU the build's CUDA context and cached memory must not stay in the process that then
+    starts vLLM: serve builds a missing conversion in a spawned process (nothing is calibrated here),
+    and finds a built one without starting any."""
+    import multiprocessing
+
+    import torch
+    import transformers as tf
+
+    from helpers import TINY_SOURCE, save_source
+    from tucker_serve import calibrate
+
+    monkeypatch.setenv("TUCKER_SERVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(calibrate, "_kept", type(calibrate._kept)())
+    torch.manual_seed(0)
+    source = save_source(tf.LlamaForCausalLM(tf.LlamaConfig(**TINY_SOURCE)), tmp_path / "tiny", smollm2.folder)
+    opt = ServeOptions(model=str(source), kv_ratio=2.0)
+    folder, _ = model_folder(opt)
+    assert (folder / "model.safetensors").is_file() and folder.parent == tmp_path / "cache" / "models"
+    assert not calibrate._kept  # the calibration ran in the other process
+    monkeypatch.setattr(multiprocessing, "get_context", lambda *a: pytest.fail("started a process for a built model"))
+    assert model_folder(opt)[0] == folder

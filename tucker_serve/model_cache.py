@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import shutil
 from dataclasses import fields, replace
 from pathlib import Path
@@ -38,9 +39,11 @@ def tucker_name(source_name: str, opt: ConvertOptions, heal_minutes: float = 0.0
 
 
 def tucker_model(spec: str, opt: ConvertOptions, heal_minutes: float = 0.0, root: Path | None = None,
-                 progress: bool = True) -> Path:
-    """The folder of `spec` converted with `opt` and healed for `heal_minutes` CPU-minutes (0: not healed),
-    under `root` (default: the user cache's models/); built on the first call, reused after."""
+                 progress: bool = True, apart: bool = False) -> Path:
+    """The folder of `spec` converted with `opt` and healed for `heal_minutes` minutes (0: not healed),
+    under `root` (default: the user cache's models/); built on the first call, reused after. `apart`
+    builds it in a spawned process: the CUDA context and GPU memory of the build end with that
+    process, so that vLLM, started after it by `tucker-serve serve`, finds the GPU as it was."""
     from tucker_serve.heal import HealOptions, heal
 
     source = resolve(spec)
@@ -49,6 +52,9 @@ def tucker_model(spec: str, opt: ConvertOptions, heal_minutes: float = 0.0, root
     stale = built_with_other_options(folder, opt, healing)
     if stale is None:
         return folder
+    if apart:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(tucker_model, (spec, opt, heal_minutes, root, progress))
     converted = folder.with_name(f"{folder.name}.converted") if heal_minutes else folder
     if stale:
         print(f"rebuilding {folder.name}: it was built with other options ({stale})", flush=True)

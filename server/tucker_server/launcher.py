@@ -133,7 +133,7 @@ def model_folder(opt: ServeOptions) -> tuple[Path, str]:
     from tucker_serve.model_cache import at_spec, tucker_model
 
     convert = ConvertOptions(kv_ratio=opt.kv_ratio) if opt.kv_ratio is not None else at_spec(DEFAULT_CONVERSION)
-    folder = tucker_model(spec, convert, opt.heal_minutes)
+    folder = tucker_model(spec, convert, opt.heal_minutes, apart=True)  # its GPU memory gone before vLLM starts
     default_name = f"{DEFAULT_SOURCE}-tucker" if opt.model is None and opt.kv_ratio is None else folder.name
     return folder, opt.served_model_name or default_name
 
