@@ -122,28 +122,43 @@ def test_perplexity_and_teacher_forcing_on_cuda_match_the_cpu():
     assert got["cuda"][1]["answer_tokens"] == got["cpu"][1]["answer_tokens"] == 12
 
 
-def test_conversion_and_healing_on_cuda_follow_the_cpu(smollm2, tmp_path, monkeypatch):
+def offline_source(root):
+    """A bfloat16 tiny Llama with a word-level tokenizer, and a text file of its words: nothing that
+    set-up downloads (a GPU machine may have neither SmolLM2 nor the built-in texts)."""
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from helpers import TINY_SOURCE
+
+    words = [f"w{i}" for i in range(2000)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(tf.LlamaConfig(**TINY_SOURCE)).to(torch.bfloat16).save_pretrained(root / "source")
+    tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(root / "source")
+    picks = torch.randint(0, len(words), (60000,), generator=torch.Generator().manual_seed(1)).tolist()
+    (root / "text.txt").write_text(" ".join(words[i] for i in picks))
+    return root / "source", root / "text.txt"
+
+
+def test_conversion_and_healing_on_cuda_follow_the_cpu(tmp_path, monkeypatch):
     """A bfloat16 tiny Llama converts on CUDA as on the CPU, healing's float32 steps on CUDA follow the
     CPU's losses, and with bfloat16 autocast on CUDA they stay within its rounding."""
     from dataclasses import replace
 
-    import transformers as tf
-
-    from helpers import TINY_SOURCE, save_source
     from tucker_serve.convert import ConvertOptions, convert
     from tucker_serve.heal import HealOptions, heal
 
     monkeypatch.setenv("TUCKER_SERVE_CACHE", str(tmp_path / "cache"))  # one teacher pool, read back by the second run
-    torch.manual_seed(0)
-    model = tf.LlamaForCausalLM(tf.LlamaConfig(**TINY_SOURCE)).to(torch.bfloat16)
-    source = save_source(model, tmp_path / "source", smollm2.folder)
-    opt = ConvertOptions(kv_ratio=2.0, calib_text="wiki", calib_tokens=1024, calib_window=256)
+    source, text = offline_source(tmp_path)
+    opt = ConvertOptions(kv_ratio=2.0, calib_text=str(text), calib_tokens=1024, calib_window=256)
     reports = {d: convert(str(source), tmp_path / f"2x-{d}", opt, progress=False, device=d) for d in ("cpu", "cuda")}
     assert reports["cuda"]["device"].startswith("cuda") and reports["cuda"]["dtype"] == "bfloat16"
     for a, b in zip(reports["cpu"]["layers"], reports["cuda"]["layers"]):
         assert b["key_energy"] == pytest.approx(a["key_energy"], rel=1e-4)
         assert b["value_energy"] == pytest.approx(a["value_energy"], rel=1e-4)
-    heal_opt = HealOptions(steps=4, batch=4, seq=64, chat=0, text="wiki", teacher_windows=16, eval_tokens=0, bf16=False)
+    heal_opt = HealOptions(steps=4, batch=4, seq=64, chat=0, text=str(text), teacher_windows=16, eval_tokens=0,
+                           bf16=False)
     healed = {d: heal(tmp_path / "2x-cpu", tmp_path / f"healed-{d}", heal_opt, progress=False, device=d)["healing"]
               for d in ("cpu", "cuda")}
     assert healed["cuda"]["device"].startswith("cuda")
