@@ -15,7 +15,12 @@ from tucker_serve.ops.paged import write_latent_cache
 from tucker_serve.rope import apply_rope, default_inv_freq, rope_cos_sin
 
 # vLLM parity
-LOGPROB_TOL = 1e-4  # float32, absolute, on full-vocabulary log-probabilities
+LOGPROB_TOL = 1e-4  # float32, absolute, on full-vocabulary log-probabilities (tiny models)
+# A real model's float32 log-probabilities reach -45 through 30 layers: on SmolLM2 2x the float32
+# reference itself lies up to 1.0e-4 from the float64 one, and vLLM 0.6-1.0e-4 (measured on the three
+# parity prompts). Real models are compared with a float64 reference, at twice float32's own error;
+# a wrong map, width or rotation costs 1e-2 or more.
+REAL_LOGPROB_TOL = 2e-4
 # paged batches: heads, latent key and value widths, block size
 H, R3, RT3, BS = 6, 12, 20, 16
 
