@@ -13,8 +13,9 @@
 #   4. there too, decode tokens/s of the default 1.2x conversion against its source under vLLM
 #      (random SmolLM2-shape weights, bf16, compiled with CUDA graphs, batches 8 and 32 at 1,024
 #      and 4,096 tokens; bench/gpu_serve_speed.py, at most 4 minutes);
-#   5. there too, `tucker-serve serve` with no sizes given gets the GPU's defaults: the checkpoint's
-#      bf16, a cache sized by --gpu-memory-utilization, the model's context (bench/gpu_serve_defaults.py).
+#   5. there too, a tiny bfloat16 checkpoint converted at 2x and healed for 4 steps on CUDA, served by
+#      `tucker-serve serve` with no sizes given, gets the GPU's defaults (the checkpoint's bf16, a cache
+#      sized by --gpu-memory-utilization, the model's context) and answers (bench/gpu_serve_defaults.py).
 set -euo pipefail
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"

@@ -8,7 +8,8 @@ CUDA against the same on the CPU."""
 import pytest
 import torch
 
-from helpers import BS, H, R3, RT3, make_batch, relative
+from helpers import BS, H, R3, RT3, TINY_SOURCE, make_batch, relative
+from tucker_bench.tiny import offline_source
 from tucker_serve.ops.paged import PagedBatch, decode_routine, paged_attention
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -64,7 +65,6 @@ def test_reference_attention_on_the_gpu(r3, rt3):
 def test_calibration_and_layer_measurement_on_cuda_match_the_cpu():
     import transformers as tf
 
-    from helpers import TINY_SOURCE
     from tucker_serve.allocate import measure, text_probe
     from tucker_serve.calibrate import AttentionShape, collect
     from tucker_serve.convert import ConvertOptions, convert_layer
@@ -102,7 +102,6 @@ def test_calibration_and_layer_measurement_on_cuda_match_the_cpu():
 def test_perplexity_and_teacher_forcing_on_cuda_match_the_cpu():
     import transformers as tf
 
-    from helpers import TINY_SOURCE
     from tucker_serve.chat import teacher_forced
     from tucker_serve.evaluate import perplexity
 
@@ -122,25 +121,6 @@ def test_perplexity_and_teacher_forcing_on_cuda_match_the_cpu():
     assert got["cuda"][1]["answer_tokens"] == got["cpu"][1]["answer_tokens"] == 12
 
 
-def offline_source(root):
-    """A bfloat16 tiny Llama with a word-level tokenizer, and a text file of its words: nothing that
-    set-up downloads (a GPU machine may have neither SmolLM2 nor the built-in texts)."""
-    import transformers as tf
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from helpers import TINY_SOURCE
-
-    words = [f"w{i}" for i in range(2000)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    torch.manual_seed(0)
-    tf.LlamaForCausalLM(tf.LlamaConfig(**TINY_SOURCE)).to(torch.bfloat16).save_pretrained(root / "source")
-    tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(root / "source")
-    picks = torch.randint(0, len(words), (60000,), generator=torch.Generator().manual_seed(1)).tolist()
-    (root / "text.txt").write_text(" ".join(words[i] for i in picks))
-    return root / "source", root / "text.txt"
-
-
 def test_conversion_and_healing_on_cuda_follow_the_cpu(tmp_path, monkeypatch):
     """A bfloat16 tiny Llama converts on CUDA as on the CPU, healing's float32 steps on CUDA follow the
     CPU's losses, and with bfloat16 autocast on CUDA they stay within its rounding."""
@@ -150,7 +130,7 @@ def test_conversion_and_healing_on_cuda_follow_the_cpu(tmp_path, monkeypatch):
     from tucker_serve.heal import HealOptions, heal
 
     monkeypatch.setenv("TUCKER_SERVE_CACHE", str(tmp_path / "cache"))  # one teacher pool, read back by the second run
-    source, text = offline_source(tmp_path)
+    source, text = offline_source(tmp_path, TINY_SOURCE)
     opt = ConvertOptions(kv_ratio=2.0, calib_text=str(text), calib_tokens=1024, calib_window=256)
     reports = {d: convert(str(source), tmp_path / f"2x-{d}", opt, progress=False, device=d) for d in ("cpu", "cuda")}
     assert reports["cuda"]["device"].startswith("cuda") and reports["cuda"]["dtype"] == "bfloat16"

@@ -1,6 +1,7 @@
 """bench/gpu_serve_speed.py and bench/gpu_serve_defaults.py, the GPU check's serving steps, run on CPU
 with two layers: random checkpoints of SmolLM2's shape that vLLM serves without a tokenizer, source
-and Tucker side by side; `tucker-serve serve` with no sizes given."""
+and Tucker side by side; a tiny model converted and healed here, served by `tucker-serve serve` with no
+sizes given."""
 
 import json
 import subprocess
@@ -41,3 +42,7 @@ def test_serve_without_sizes_gets_the_platforms_defaults(tmp_path):
     assert (memory["weights_dtype"], memory["max_model_len"], memory["cache_sized_by"]) == (
         "float32", 2048, "kv_cache_memory_bytes")
     assert 0.98 * 2**30 <= memory["cache_bytes"] <= 2**30  # the 1 GiB CPU default
+    healing = result["healing"]
+    assert healing["device"] == "cpu" and len(healing["kl_per_step"]) == 4
+    assert healing["kl_per_step"][-1] < healing["kl_per_step"][0]  # 4 steps from the 2x conversion reduce the KL
+    assert result["completion"]["usage"]["completion_tokens"] == 8
