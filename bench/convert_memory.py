@@ -9,7 +9,9 @@ vocabulary and tokenizer stand in for Llama's 128,256, so the memory is measured
 checkpoint's own size. It is written once under --work. `tucker-serve convert --kv-ratio 2
 --calib-text wiki` (the other options at their defaults) runs in its own process, and its peak
 resident memory is what the kernel reports for it (wait4's ru_maxrss). The same is measured for a
-process that only imports the conversion code: the interpreter, torch and transformers.
+process that only imports the conversion code (the interpreter, torch and transformers), and for the
+conversion again with glibc's own mmap threshold instead of the one conversion fixes
+(`tucker_serve.device.host_frees_returned`).
 
 The model of memory (docs/deploy.md, "Conversion memory") adds up the checkpoint in its own dtype,
 the imports, every calibration window's hidden states, one layer's statistics and what a layer
@@ -38,6 +40,8 @@ SHAPES = {  # the shapes the model of memory is applied to (vocabularies as publ
                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
 GB = 1e9
+GLIBC_DEFAULT = ("import sys, tucker_cli, tucker_serve.convert as c; c.host_frees_returned = lambda: None; "
+                 "sys.argv[0] = 'tucker-serve'; sys.exit(tucker_cli.main())")
 
 
 def write_checkpoint(folder: Path) -> None:
@@ -124,9 +128,12 @@ def main() -> None:
     baseline, _ = peak_of([sys.executable, "-c", "import torch, transformers, tucker_serve.convert; "
                                                  "transformers.LlamaForCausalLM"])
     out = args.work / "2x"
-    peak, seconds = peak_of([cli, "convert", "--model", str(source), "--out", str(out), "--kv-ratio", "2",
-                             "--calib-text", "wiki", "--calib-tokens", str(args.calib_tokens),
-                             "--calib-window", str(args.calib_window), "--device", "cpu", "--quiet"])
+    convert = ["convert", "--model", str(source), "--out", str(out), "--kv-ratio", "2", "--calib-text", "wiki",
+               "--calib-tokens", str(args.calib_tokens), "--calib-window", str(args.calib_window), "--device", "cpu",
+               "--quiet"]
+    # The same conversion with glibc's own mmap threshold (device.host_frees_returned skipped), right after.
+    peak, seconds = peak_of([cli, *convert])
+    glibc_peak, glibc_seconds = peak_of([sys.executable, "-c", GLIBC_DEFAULT, *convert])
     report = json.loads((out / "tucker_report.json").read_text())
     result = {
         "command": f"tucker-serve convert --model <checkpoint> --kv-ratio 2 --calib-text wiki --calib-tokens "
@@ -134,7 +141,10 @@ def main() -> None:
         "checkpoint": {"shape": ONE_B, "dtype": "bfloat16", "safetensors_bytes": size},
         "measured": {"peak_rss_bytes": peak, "peak_over_checkpoint": round(peak / size, 3),
                      "seconds": round(seconds, 1), "imports_peak_rss_bytes": baseline,
-                     "written_dtype": report["dtype"], "compression_ratio": report["compression_ratio"]},
+                     "written_dtype": report["dtype"], "compression_ratio": report["compression_ratio"],
+                     "glibc_default_threshold": {"peak_rss_bytes": glibc_peak,
+                                                 "peak_over_checkpoint": round(glibc_peak / size, 3),
+                                                 "seconds": round(glibc_seconds, 1)}},
         "model_of_memory": {name: memory_model(shape, args.calib_tokens, args.calib_window, baseline)
                             for name, shape in SHAPES.items()},
         "machine": f"{os.cpu_count()} CPUs",

@@ -33,3 +33,6 @@ def test_the_committed_measurement_is_of_this_checkpoint_at_2x():
     assert result["measured"]["compression_ratio"] == 2.0 and result["measured"]["written_dtype"] == "bfloat16"
     assert result["measured"]["peak_over_checkpoint"] == pytest.approx(
         result["measured"]["peak_rss_bytes"] / result["checkpoint"]["safetensors_bytes"], abs=1e-3)
+    glibc = result["measured"]["glibc_default_threshold"]  # the same conversion with glibc's own threshold
+    assert glibc["peak_over_checkpoint"] == pytest.approx(
+        glibc["peak_rss_bytes"] / result["checkpoint"]["safetensors_bytes"], abs=1e-3)

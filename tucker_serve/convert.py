@@ -22,7 +22,7 @@ from tucker_serve.calibrate import AttentionShape, LayerStats, calibrated
 from tucker_serve.chat import can_chat, source_chats
 from tucker_serve.rope import basis_freqs, complex_basis_map
 from tucker_serve.checkpoint import ModelError, converted_config, one_or_list, write_folder
-from tucker_serve.device import compute_device, release
+from tucker_serve.device import compute_device, host_frees_returned, release
 from tucker_serve.options import cite, flag, invalid, option, options_record
 from tucker_serve.sources import load_source, load_tokenizer, resolve
 from tucker_serve.text import text_tokens
@@ -242,6 +242,7 @@ def convert(model_spec: str, out_dir, opt: ConvertOptions, progress: bool = True
     """Write a Tucker folder for `model_spec` to `out_dir` (atomically); return the report. The source
     runs on `device` (calibration, its chat answers, measured widths; tucker_serve.device)."""
     start, on = time.time(), compute_device(device)  # a device this machine lacks fails before any work
+    host_frees_returned()
     source = resolve(model_spec)
     if source.is_tucker:
         raise ModelError(f"{model_spec} is already a Tucker checkpoint")
