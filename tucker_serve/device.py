@@ -45,15 +45,10 @@ def host_frees_returned() -> None:
     the 1B-shape conversion (docs/bench/convert_memory.json): peak 3.18 GB against 3.27 GB, for about
     5% more time (docs/deploy.md, "Conversion memory")."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        libc.gnu_get_libc_version  # glibc only: its M_MMAP_THRESHOLD is -3
-    except (OSError, AttributeError, TypeError):
-        return
-    libc.mallopt(-3, HOST_MMAP_THRESHOLD)
+    libc = ctypes.CDLL(None)  # the symbols this process already has, the C library's among them
+    if hasattr(libc, "gnu_get_libc_version"):  # glibc, whose M_MMAP_THRESHOLD is -3
+        libc.mallopt(-3, HOST_MMAP_THRESHOLD)
 
 
 def release(device: torch.device) -> None:
