@@ -1,7 +1,8 @@
-"""Quality of SmolLM2-135M conversions: perplexity and chat fidelity against KV compression,
-calibration text and healing, each row measured the same way.
+"""Quality of a source's conversions (SmolLM2-135M unless --source): perplexity and chat fidelity
+against KV compression, calibration text and healing, each row measured the same way.
 
     .venv/bin/python bench/quality.py --out runs/quality --variants 1.5/wiki/-,1.5/wiki+chat/10/0.5
+    .venv/bin/python bench/quality.py --source qwen2.5-coder-0.5b --out runs/qwen --variants 2/wiki+chat/-
 
 A variant is RATIO/CALIB/HEAL_MINUTES[/CHAT_SHARE[/LOCAL_SHARE]]: convert at RATIO (`full` = full
 rank; `2@measured`: latent widths per layer chosen by measurement, `--layer-widths measured`)
@@ -25,7 +26,7 @@ from tucker_serve.evaluate import evaluate
 from tucker_serve.heal import HealOptions, heal
 from tucker_serve.model_cache import at_spec, tucker_model
 
-SOURCE = "smollm2-135m"
+DEFAULT_SOURCE = "smollm2-135m"
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Variant:
     heal_minutes: float | None
     chat_share: float = 0.5
     local_share: float = 0.35
+    teacher_windows: int = HealOptions.teacher_windows  # set by --teacher-windows, for every heal of a run
 
     @classmethod
     def parse(cls, spec: str) -> "Variant":
@@ -53,7 +55,8 @@ class Variant:
         if self.heal_minutes is None:
             return self.converted
         local = "" if self.local_share == 0.35 else f"-local{self.local_share:g}"
-        return f"{self.converted}-heal{self.heal_minutes:g}-chat{self.chat_share:g}{local}"
+        pool = "" if self.teacher_windows == HealOptions.teacher_windows else f"-pool{self.teacher_windows}"
+        return f"{self.converted}-heal{self.heal_minutes:g}-chat{self.chat_share:g}{local}{pool}"
 
 
 def cached(path: Path, make):
@@ -64,13 +67,13 @@ def cached(path: Path, make):
     return result
 
 
-def measure(model: str, out: Path, name: str, tokens: int) -> dict:
+def measure(source: str, model: str, out: Path, name: str, tokens: int) -> dict:
     """Perplexity on both texts and chat fidelity, cached per model."""
     from tucker_eval.chat import chat_eval
 
     def make():
         row = {text: evaluate(model, text, tokens, 1024, progress=False)["perplexity"] for text in ("wiki", "news")}
-        result = chat_eval(model, SOURCE, progress=False)
+        result = chat_eval(model, source, progress=False)
         (out / f"chat-{name}.json").write_text(json.dumps(result, indent=2))
         row["chat"] = {k: v for k, v in result.items() if k != "answers"}
         return row
@@ -78,9 +81,9 @@ def measure(model: str, out: Path, name: str, tokens: int) -> dict:
     return cached(out / f"eval-{name}.json", make)
 
 
-def build(v: Variant, out: Path) -> tuple[Path, dict]:
+def build(source: str, v: Variant, out: Path) -> tuple[Path, dict]:
     """The variant's folder (converted, then healed), with what making it cost."""
-    folder = tucker_model(SOURCE, replace(at_spec(v.ratio), calib_text=v.calib.replace("+", ",")),
+    folder = tucker_model(source, replace(at_spec(v.ratio), calib_text=v.calib.replace("+", ",")),
                           root=out / "models", progress=False)
     report = json.loads((folder / "tucker_report.json").read_text())
     info = {"key_rank": report["key_rank"], "value_rank": report["value_rank"], "convert_seconds": report["seconds"]}
@@ -89,39 +92,44 @@ def build(v: Variant, out: Path) -> tuple[Path, dict]:
     healed = out / v.name
     if not healed.is_dir():
         opt = HealOptions(minutes=v.heal_minutes, chat=v.chat_share, local_share=v.local_share,
-                          local_steps=60 if v.local_share else 0)
+                          local_steps=60 if v.local_share else 0, teacher_windows=v.teacher_windows)
         heal(folder, healed, opt, progress=False)
     h = json.loads((healed / "tucker_report.json").read_text())["healing"]
     info.update(heal_minutes=h["minutes_done"], chat_answer_minutes=h.get("chat_answer_minutes", 0),
-                local_minutes=h["local_minutes"], kl_steps=h["global_steps"], final_kl=h["final_kl"])
+                local_minutes=h["local_minutes"], kl_steps=h["global_steps"], final_kl=h["final_kl"],
+                teacher_minutes=h.get("teacher_minutes", 0.0), teacher_passes=h.get("teacher_passes"))
     return healed, info
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", default=DEFAULT_SOURCE, help="the source model (a built-in name or a folder)")
     ap.add_argument("--out", type=Path, default=Path("runs/quality"))
     ap.add_argument("--variants", required=True, help="RATIO/CALIB/HEAL_MINUTES[/CHAT_SHARE],...")
     ap.add_argument("--tokens", type=int, default=16384, help="evaluation tokens per text")
+    ap.add_argument("--teacher-windows", type=int, default=HealOptions.teacher_windows,
+                    help="heal with a pool of this many windows of the source's outputs (0: a teacher forward per step)")
     args = ap.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    rows = [{"variant": "source", "ratio": 1.0, **measure(SOURCE, out, "source", args.tokens)}]
-    for v in [Variant.parse(s) for s in args.variants.split(",")]:
+    rows = [{"variant": "source", "ratio": 1.0, **measure(args.source, args.source, out, "source", args.tokens)}]
+    for v in [replace(Variant.parse(s), teacher_windows=args.teacher_windows) for s in args.variants.split(",")]:
         start = time.time()
-        folder, info = build(v, out)
+        folder, info = build(args.source, v, out)
         opt = at_spec(v.ratio)
         rows.append({"variant": v.name, "ratio": opt.kv_ratio or 1.0,
                      "widths": opt.layer_widths + "".join(f"+{o}" for o in v.ratio.split("+")[1:]), "calib": v.calib, "heal": v.heal_minutes,
                      "chat_share": v.chat_share if v.heal_minutes else None,
-                     "local_share": v.local_share if v.heal_minutes else None, **info,
-                     **measure(str(folder), out, v.name, args.tokens)})
+                     "local_share": v.local_share if v.heal_minutes else None,
+                     "teacher_windows": v.teacher_windows if v.heal_minutes else None, **info,
+                     **measure(args.source, str(folder), out, v.name, args.tokens)})
         print(json.dumps(rows[-1]), f"({time.time() - start:.0f} s)", flush=True)
     rows = merged(out / "results.json", rows)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     table = markdown(rows)
     (out / "results.md").write_text(table)
     print(table)
-    plot(rows, out / "quality.png")
+    plot(rows, out / "quality.png", args.source)
 
 
 def merged(path: Path, rows: list[dict]) -> list[dict]:
@@ -151,6 +159,11 @@ def markdown(rows: list[dict]) -> str:
         if r.get("heal"):
             notes.append(f"{r['chat_answer_minutes']:.1f} min answers + {r['local_minutes']:.1f} min local "
                          f"+ {r['kl_steps']} KL steps")
+            if r.get("teacher_windows") == 0:
+                notes.append("the source run on every step")
+            elif r.get("teacher_passes") is not None:
+                notes.append(f"{r['teacher_minutes']:.1f} min computing a pool of the source's outputs "
+                             f"({r['teacher_windows']} windows), passed {r['teacher_passes']:.1f} times")
         widths = "-" if r["variant"] == "source" else r.get("widths", "uniform")
         lines.append(
             f"| {r['ratio']:g}x | {widths} | {r.get('calib', '-')} | {healing} | {r['wiki']:.2f} "
@@ -160,7 +173,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, source: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,7 +190,7 @@ def plot(rows: list[dict], path: Path) -> None:
     b.set(xlabel="KV-cache compression ratio", ylabel=f"questions correct (of {rows[0]['chat']['questions']})",
           title="chat answers (grey: source)")
     b.legend(fontsize=6)
-    fig.suptitle("SmolLM2-135M: Tucker conversions (squares: healed)")
+    fig.suptitle(f"{source}: Tucker conversions (squares: healed)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
