@@ -80,13 +80,14 @@ def arithmetic(config: dict, ctx: int) -> dict:
     d, L, i = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
     H = config["num_attention_heads"]
     t = config.get("tucker")
-    if t:
-        r3, rt3 = t["r3"], t["rt3"]
-        qkv, out, attn = d * (H * r3 + r3 + rt3), H * rt3 * d, H * ctx * (r3 + rt3)
+    if t:  # widths per layer (lists) or one for every layer
+        r3s, rt3s = ([w] * L if isinstance(w, int) else w for w in (t["r3"], t["rt3"]))
+        qkv = sum(d * (H * r3 + r3 + rt3) for r3, rt3 in zip(r3s, rt3s))
+        out, attn = sum(H * rt3 * d for rt3 in rt3s), sum(H * ctx * (r3 + rt3) for r3, rt3 in zip(r3s, rt3s))
     else:
         D, G = config.get("head_dim", d // H), config["num_key_value_heads"]
-        qkv, out, attn = d * (H + 2 * G) * D, H * D * d, H * ctx * 2 * D
-    return {"self_attn.qkv_proj": L * qkv, "self_attn.o_proj": L * out, "self_attn.attn": L * attn,
+        qkv, out, attn = L * d * (H + 2 * G) * D, L * H * D * d, L * H * ctx * 2 * D
+    return {"self_attn.qkv_proj": qkv, "self_attn.o_proj": out, "self_attn.attn": attn,
             "mlp": L * 3 * d * i, "logits": config["vocab_size"] * d}
 
 
@@ -177,7 +178,7 @@ def main() -> None:
         raise SystemExit("set VLLM_ENABLE_V1_MULTIPROCESSING=0: the hooks time the model in this process")
     results = {}
     for model in args.models:
-        name = "source" if model == "source" else f"tucker {model}x"
+        name = "source" if model == "source" else f"tucker {model}"
         results[name] = profile(row_folder(args.source, model), args.batch, args.context, args.new_tokens)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

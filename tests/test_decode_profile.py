@@ -19,3 +19,13 @@ def test_source_and_latent_attention_arithmetic_per_decoded_token():
     # every head reads the whole latent (320 numbers per cached token) where a source head reads 128
     assert source["self_attn.attn"] == 30 * 9 * 1024 * 128 and tucker["self_attn.attn"] == 30 * 9 * 1024 * 320
     assert source["mlp"] == tucker["mlp"] == 30 * 3 * 576 * 1536 and source["logits"] == 49152 * 576
+
+
+def test_per_layer_widths_sum_layer_by_layer():
+    """A model converted with --layer-widths measured records r3 and rt3 per layer."""
+    r3, rt3 = [96, 192] + [160] * 28, [48, 144] + [160] * 28
+    tucker = decode_profile.arithmetic({**SMOLLM2, "tucker": {"r3": r3, "rt3": rt3}}, ctx=2048)
+    uniform = decode_profile.arithmetic({**SMOLLM2, "tucker": {"r3": 160, "rt3": 160}}, ctx=2048)
+    assert tucker["self_attn.attn"] == 9 * 2048 * (sum(r3) + sum(rt3))
+    assert tucker["self_attn.o_proj"] == 9 * 576 * sum(rt3)
+    assert uniform["self_attn.attn"] - tucker["self_attn.attn"] == 9 * 2048 * ((320 - 96 - 48) - (192 + 144 - 320))
