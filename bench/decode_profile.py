@@ -22,6 +22,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from tucker_serve.checkpoint import per_layer
+
 PARTS = {"self_attn.qkv_proj": "qkv projection", "self_attn.rotary_emb": "rope", "self_attn.attn": "attention + cache store",
          "self_attn.o_proj": "output projection", "mlp": "mlp", "input_layernorm": "norms",
          "post_attention_layernorm": "norms"}
@@ -82,7 +84,7 @@ def arithmetic(config: dict, ctx: int) -> dict:
     H = config["num_attention_heads"]
     t = config.get("tucker")
     if t:  # widths per layer (lists) or one for every layer
-        r3s, rt3s = ([w] * L if isinstance(w, int) else w for w in (t["r3"], t["rt3"]))
+        r3s, rt3s = (per_layer(t, name, L, "config.json") for name in ("r3", "rt3"))
         qkv = sum(d * (H * r3 + r3 + rt3) for r3, rt3 in zip(r3s, rt3s))
         out, attn = sum(H * rt3 * d for rt3 in rt3s), sum(H * ctx * (r3 + rt3) for r3, rt3 in zip(r3s, rt3s))
     else:
