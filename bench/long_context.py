@@ -56,13 +56,13 @@ def main() -> None:
     (out / "rows").mkdir(parents=True, exist_ok=True)
     rows, start = [], time.time()
     for spec in args.rows:
-        model, _, cache = spec.partition("/")
-        saved = out / "rows" / f"{model}-{cache}.json"
+        model, _, cache = spec.rpartition("/") if "/" in spec else (spec, "", "auto")
+        saved = out / "rows" / f"{model.replace('/', '_')}-{cache}.json"
         if saved.is_file():
             rows.append(json.loads(saved.read_text()))
             continue
-        row = long_context_eval(str(row_folder(args.source, model)), cache or "auto", args.lengths, args.trials,
-                                windows=args.windows)
+        folder = Path(model) if Path(model).is_dir() else row_folder(args.source, model)
+        row = long_context_eval(str(folder), cache, args.lengths, args.trials, windows=args.windows)
         row["row_model"] = model
         saved.write_text(json.dumps(row, indent=2))
         rows.append(row)
