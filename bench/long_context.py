@@ -5,7 +5,8 @@ caches: `tucker-serve eval --long` on each row, one after the other, in one run.
 
 A row is MODEL/CACHE: `source` or a ratio (`full` = full rank, `1.5@measured`: latent widths per
 layer by measurement; `1.2+calib_window=512`: any convert option; conversions cached as `serve`
-caches them) served with vLLM's cache dtype CACHE (auto or fp8). Every row gets the same prompts: a
+caches them) or a model folder (`runs/x1.5-healed/auto`: a healed conversion, named by its path)
+served with vLLM's cache dtype CACHE (auto or fp8). Every row gets the same prompts: a
 pass key at evenly spaced depths of wiki text and of filler at each length, and perplexity by
 position over long wiki windows. Finished rows are kept under --out (rows/*.json) and not measured again;
 results.json holds every number and answer of results.md.
@@ -56,7 +57,8 @@ def main() -> None:
     (out / "rows").mkdir(parents=True, exist_ok=True)
     rows, start = [], time.time()
     for spec in args.rows:
-        model, _, cache = spec.rpartition("/") if "/" in spec else (spec, "", "auto")
+        model, _, cache = spec.rpartition("/") if "/" in spec else (spec, "", "")
+        cache = cache or "auto"
         saved = out / "rows" / f"{model.replace('/', '_')}-{cache}.json"
         if saved.is_file():
             rows.append(json.loads(saved.read_text()))
