@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tucker_eval.long_context import long_context_eval
 from tucker_serve.long_context import LENGTHS
-from tucker_serve.model_cache import row_folder
+from tucker_serve.model_cache import row_folder, row_spec
 from tucker_serve.options import listing
 from tucker_serve.sources import DEFAULT_MODEL
 
@@ -57,14 +57,12 @@ def main() -> None:
     (out / "rows").mkdir(parents=True, exist_ok=True)
     rows, start = [], time.time()
     for spec in args.rows:
-        model, _, cache = spec.rpartition("/") if "/" in spec else (spec, "", "")
-        cache = cache or "auto"
+        model, cache = row_spec(spec)
         saved = out / "rows" / f"{model.replace('/', '_')}-{cache}.json"
         if saved.is_file():
             rows.append(json.loads(saved.read_text()))
             continue
-        folder = Path(model) if Path(model).is_dir() else row_folder(args.source, model)
-        row = long_context_eval(str(folder), cache, args.lengths, args.trials, windows=args.windows)
+        row = long_context_eval(str(row_folder(args.source, model)), cache, args.lengths, args.trials, windows=args.windows)
         row["row_model"] = model
         saved.write_text(json.dumps(row, indent=2))
         rows.append(row)

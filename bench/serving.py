@@ -22,7 +22,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from tucker_bench.serving import Load, serve_row, serving_plot, serving_table
-from tucker_serve.model_cache import row_folder
+from tucker_serve.model_cache import row_folder, row_spec
 from tucker_serve.options import listing
 from tucker_serve.sources import DEFAULT_MODEL
 
@@ -44,9 +44,8 @@ def main() -> None:
     (out / "rows").mkdir(parents=True, exist_ok=True)
     rows, start = [], time.time()
     for spec in args.rows:
-        model, _, cache = spec.partition("/")
-        cache = cache or "auto"
-        saved = out / "rows" / f"{model}-{cache}.json"
+        model, cache = row_spec(spec)
+        saved = out / "rows" / f"{model.replace('/', '_')}-{cache}.json"
         if saved.is_file() and json.loads(saved.read_text())["load"] == asdict(load):
             rows.append(json.loads(saved.read_text())["row"])
             continue

@@ -113,9 +113,18 @@ def at_spec(spec: str) -> ConvertOptions:
     return replace(opt, **changes)
 
 
+def row_spec(spec: str) -> tuple[str, str]:
+    """MODEL and CACHE of a benchmark row's MODEL[/CACHE] (CACHE: auto when left out); MODEL may be a
+    folder path, which has slashes of its own."""
+    model, _, cache = spec.rpartition("/") if "/" in spec else (spec, "", "")
+    return model, cache or "auto"
+
+
 def row_folder(source: str, model: str, progress: bool = False) -> Path:
-    """The folder of a benchmark row's model: `source` itself, or `source` converted by at_spec(model)
-    (cached as `tucker-serve serve` caches conversions)."""
+    """The folder of a benchmark row's model: `source` itself, a model folder (a healed conversion),
+    or `source` converted by at_spec(model) (cached as `tucker-serve serve` caches conversions)."""
     if model == "source":
         return resolve(source).folder
+    if Path(model).is_dir():
+        return Path(model)
     return tucker_model(source, at_spec(model), progress=progress)
