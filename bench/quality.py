@@ -55,7 +55,7 @@ class Variant:
         if self.heal_minutes is None:
             return self.converted
         local = "" if self.local_share == 0.35 else f"-local{self.local_share:g}"
-        pool = "" if self.teacher_windows == HealOptions.teacher_windows else f"-pool{self.teacher_windows}"
+        pool = f"-pool{self.teacher_windows}" if self.teacher_windows else ""  # online: no suffix
         return f"{self.converted}-heal{self.heal_minutes:g}-chat{self.chat_share:g}{local}{pool}"
 
 

@@ -56,9 +56,9 @@ def test_a_model_healed_under_another_recipe_is_not_reused(tmp_path):
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"")
     recorded = healing_record(healing)
-    older = {k: v for k, v in recorded.items() if k != "teacher_windows"}  # healed before the teacher pool
+    older = {k: v for k, v in recorded.items() if k != "teacher_windows"}  # healed before the option existed
     (folder / "tucker_report.json").write_text(json.dumps({"options": options_record(opt), "healing": older}))
-    assert built_with_other_options(folder, opt, healing) == "healing teacher_windows: None -> 512"
+    assert built_with_other_options(folder, opt, healing) == "healing teacher_windows: None -> 0"
     (folder / "tucker_report.json").write_text(json.dumps({"options": options_record(opt), "healing": recorded}))
     assert built_with_other_options(folder, opt, healing) is None
     assert set(recorded) == set(asdict(healing)) - {"source"}

@@ -9,10 +9,12 @@ Two phases:
 1. local: each layer's Tucker attention learns to reproduce the source attention's output on the
    source model's own activations (cached once; cheap, no LM head, layers independent);
 2. global: KL(source || Tucker) at every position of training windows, for the rest of the step
-   or time budget, everything but the attention factors frozen. The source's outputs on a pool of
-   windows are computed once (top-k log-probs, kept in the cache folder for later runs;
-   `tucker_serve.teacher`) and training passes over the pool; with `teacher_windows=0` the source
-   runs on every step's fresh windows instead (full-vocabulary KL).
+   or time budget, everything but the attention factors frozen. By default the source runs on
+   every step's fresh windows (full-vocabulary KL). With `teacher_windows=N` its outputs on a pool
+   of N windows are computed once instead (top-k log-probs, kept in the cache folder for later
+   runs; `tucker_serve.teacher`) and training passes over the pool: faster steps, but windows seen
+   again and again, which cost held-out quality in every cold-pool heal measured (docs/quality.md,
+   "Healing per CPU-minute"); it pays when a pool computed by an earlier heal is read back.
 """
 
 from __future__ import annotations
@@ -65,8 +67,9 @@ class HealOptions:
     chat_prompts: int = option(120, int, "passage prompts besides the written instructions")
     answer_tokens: int = option(96, int, "longest source answer generated per prompt")
     # The source's outputs, computed once for a pool of windows instead of a teacher forward per step.
-    teacher_windows: int = option(512, int, "training windows whose source outputs are computed once (kept in the "
-                                            "cache folder) and reused; 0: run the source on every step")
+    # Off by default: a pool computed in the same heal cost held-out quality each time it was measured.
+    teacher_windows: int = option(0, int, "training windows whose source outputs are computed once (kept in the "
+                                          "cache folder) and reused, e.g. 512; 0: run the source on every step")
     teacher_top: int = 64  # the source's most likely tokens kept per position (the rest: one bucket)
     teacher_share: float = 0.25  # with a minute budget, the most of it computing the pool may take
     eval_text: str = "wiki"
