@@ -70,3 +70,17 @@ def test_a_built_model_is_reused_not_rebuilt(converted):
     before = (folder / "model.safetensors").stat().st_mtime_ns
     again = tucker_model("smollm2-135m", at_ratio(2.0), root=folder.parent, progress=False)
     assert again == folder and (again / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_benchmark_row_names_its_model_and_cache():
+    from tucker_serve.model_cache import row_spec
+
+    assert row_spec("source") == ("source", "auto")
+    assert row_spec("source/fp8") == ("source", "fp8")
+    assert row_spec("1.2@measured+measure_window=512/auto") == ("1.2@measured+measure_window=512", "auto")
+    assert row_spec("runs/x1.5-h10/fp8") == ("runs/x1.5-h10", "fp8")
+    # a folder without its cache would read its last part as the cache: refused, naming the fix
+    with pytest.raises(ValueError, match="runs/x1.5-h10/auto"):
+        row_spec("runs/x1.5-h10")
+    with pytest.raises(ValueError, match="CACHE one of auto"):
+        row_spec("source/")

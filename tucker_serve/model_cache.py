@@ -115,9 +115,14 @@ def at_spec(spec: str) -> ConvertOptions:
 
 def row_spec(spec: str) -> tuple[str, str]:
     """MODEL and CACHE of a benchmark row's MODEL[/CACHE] (CACHE: auto when left out); MODEL may be a
-    folder path, which has slashes of its own."""
-    model, _, cache = spec.rpartition("/") if "/" in spec else (spec, "", "")
-    return model, cache or "auto"
+    folder path, which has slashes of its own, so a folder row names its CACHE (`runs/x1.5/auto`)."""
+    from tucker_serve.cache_dtypes import served_names
+
+    model, _, cache = spec.rpartition("/") if "/" in spec else (spec, "", "auto")
+    if not model or cache not in served_names():
+        raise ValueError(f"row {spec!r}: expected MODEL[/CACHE] with CACHE one of {', '.join(served_names())} "
+                         f"(a model folder needs its CACHE, e.g. {spec.rstrip('/')}/auto)")
+    return model, cache
 
 
 def row_folder(source: str, model: str, progress: bool = False) -> Path:
